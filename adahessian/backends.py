@@ -1,0 +1,28 @@
+"""Which implementation runs a step: ``backend="reference" | "fused" | "auto"``."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+def fused_unavailable_reason(device: torch.device) -> str | None:
+    """None when the compiled kernels can run on ``device``, else why not."""
+    return f"no compiled AdaHessian kernels are built into this version of the package (device {device.type})"
+
+
+def resolve(requested: str, device: torch.device) -> str:
+    """The backend that runs on ``device``: "fused" or "reference"."""
+    if requested == "reference":
+        return "reference"
+    reason = fused_unavailable_reason(device)
+    if reason is None:
+        return "fused"
+    if requested == "fused":
+        raise RuntimeError(
+            f"AdaHessian(backend='fused') is not available: {reason}. "
+            "Use backend='auto' (falls back to the reference path) or backend='reference'."
+        )
+    warnings.warn(f"AdaHessian(backend='auto'): {reason}; using the reference path.", stacklevel=4)
+    return "reference"

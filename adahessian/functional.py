@@ -1,0 +1,139 @@
+"""The functional core: AdaHessian's math on lists of tensors, one implementation per
+backend behind one entry point (the shape of ``torch.optim.adam``).
+
+The optimizer class gathers the lists; these functions never look at ``param_groups``
+or optimizer state. Every function takes ``backend`` ("reference" or "fused") and
+dispatches; the reference bodies below follow SPEC section 3 to the letter, in the
+original implementation's order of in-place operations.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import sampler
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """m, v and D of a bfloat16/float16 parameter are float32 (SPEC section 3)."""
+    return torch.float32 if param.dtype in LOW_PRECISION else param.dtype
+
+
+def sample_rademacher(like: list[Tensor], keys: list[int], *, backend: str) -> list[Tensor]:
+    """One Rademacher vector per tensor of ``like`` (its shape, dtype and device)."""
+    if backend == "reference":
+        return [sampler.rademacher(t.shape, k, dtype=t.dtype, device=t.device) for t, k in zip(like, keys)]
+    raise _unknown(backend)
+
+
+def accumulate_hessian_(acc: list[Tensor], zs: list[Tensor], hzs: list[Tensor], *, backend: str) -> None:
+    """``acc += z * Hz`` for one Hutchinson sample (every sample but the last)."""
+    if backend == "reference":
+        for a, z, hz in zip(acc, zs, hzs):
+            a.add_(z.to(a.dtype) * hz.to(a.dtype))
+        return
+    raise _unknown(backend)
+
+
+def nonfinite(tensors: list[Tensor]) -> Tensor:
+    """A 0-dim bool tensor: does any of ``tensors`` hold an inf or a NaN?"""
+    if not tensors:
+        return torch.tensor(False)
+    return torch.stack([torch.logical_not(torch.isfinite(t).all()) for t in tensors]).any()
+
+
+def adahessian(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_hessian_diag_sqs: list[Tensor],
+    hessians: list[Tensor | None],
+    state_steps: list[int],
+    *,
+    hzs: list[Tensor] | None,
+    zs: list[Tensor] | None,
+    partial_sums: list[Tensor] | None,
+    n_samples: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    hessian_power: float,
+    average_conv_kernel: bool,
+    grad_scale: Tensor | None,
+    backend: str,
+) -> None:
+    """One AdaHessian update of every tensor in ``params``.
+
+    Hessian step (``hzs`` given): ``D = (partial_sums + z * Hz) / n_samples``, where
+    ``partial_sums`` holds ``sum z * Hz`` over the earlier samples (None when
+    ``n_samples == 1``); D is written into ``hessians[i]`` when that is not None (the
+    state keeps it for the steps in between). Other steps use ``hessians[i]`` as D.
+    ``state_steps`` holds each parameter's step count *after* this step.
+    ``grad_scale`` (GradScaler's loss scale) divides grad and Hz.
+    """
+    if backend == "reference":
+        _reference(
+            params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, state_steps,
+            hzs=hzs, zs=zs, partial_sums=partial_sums, n_samples=n_samples, lr=lr, beta1=beta1,
+            beta2=beta2, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
+            average_conv_kernel=average_conv_kernel, grad_scale=grad_scale,
+        )
+        return
+    raise _unknown(backend)
+
+
+def _reference(
+    params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, state_steps, *, hzs, zs, partial_sums,
+    n_samples, lr, beta1, beta2, eps, weight_decay, hessian_power, average_conv_kernel, grad_scale,
+):
+    inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().item()
+    for i, param in enumerate(params):
+        dtype = state_dtype(param)
+        p = param if param.dtype == dtype else param.to(dtype)
+        grad = grads[i].to(dtype)
+        exp_avg, exp_hessian_diag_sq = exp_avgs[i], exp_hessian_diag_sqs[i]
+
+        # 1. D: this step's Hutchinson estimate, or the one kept from the last Hessian step.
+        if hzs is not None:
+            hess = zs[i].to(dtype) * hzs[i].to(dtype)
+            if partial_sums is not None:
+                hess = partial_sums[i] + hess
+            if n_samples > 1:
+                hess = hess / n_samples
+            if inv_scale is not None:
+                hess = hess * inv_scale
+        else:
+            hess = hessians[i]
+        if inv_scale is not None:
+            grad = grad * inv_scale
+
+        # 2. Conv kernels share one curvature value per (out, in) channel pair.
+        if average_conv_kernel and p.dim() == 4:
+            hess = torch.abs(hess).mean(dim=[2, 3], keepdim=True).expand_as(p).clone()
+        if hzs is not None and hessians[i] is not None:
+            hessians[i].copy_(hess)
+
+        # 3. Decoupled weight decay, as in AdamW.
+        p.mul_(1 - lr * weight_decay)
+
+        # 4. Moments.
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_hessian_diag_sq.mul_(beta2).addcmul_(hess, hess, value=1 - beta2)
+
+        # 5. Bias correction and the update.
+        step = state_steps[i]
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        denom = (exp_hessian_diag_sq / bias_correction2).pow_(hessian_power / 2).add_(eps)
+        p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        if p is not param:
+            param.copy_(p)
+
+
+def _unknown(backend: str) -> ValueError:
+    return ValueError(f"unknown AdaHessian backend {backend!r}")
