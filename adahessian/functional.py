@@ -55,6 +55,7 @@ def adahessian(
     *,
     hzs: list[Tensor] | None,
     zs: list[Tensor] | None,
+    keys: list[int] | None,
     partial_sums: list[Tensor] | None,
     n_samples: int,
     lr: float,
@@ -65,6 +66,7 @@ def adahessian(
     hessian_power: float,
     average_conv_kernel: bool,
     grad_scale: Tensor | None,
+    found_inf: Tensor | None,
     backend: str,
 ) -> None:
     """One AdaHessian update of every tensor in ``params``.
@@ -73,10 +75,15 @@ def adahessian(
     ``partial_sums`` holds ``sum z * Hz`` over the earlier samples (None when
     ``n_samples == 1``); D is written into ``hessians[i]`` when that is not None (the
     state keeps it for the steps in between). Other steps use ``hessians[i]`` as D.
+    ``zs`` are the last sample's vectors (the reference path reads them) and ``keys``
+    their sampler keys (the fused kernels regenerate z from them, saving a stream).
     ``state_steps`` holds each parameter's step count *after* this step.
-    ``grad_scale`` (GradScaler's loss scale) divides grad and Hz.
+    ``grad_scale`` (GradScaler's loss scale) divides grad and Hz; a nonzero
+    ``found_inf`` leaves every tensor untouched.
     """
     if backend == "reference":
+        if found_inf is not None and bool(found_inf):
+            return
         _reference(
             params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, state_steps,
             hzs=hzs, zs=zs, partial_sums=partial_sums, n_samples=n_samples, lr=lr, beta1=beta1,

@@ -173,9 +173,9 @@ class AdaHessian(Optimizer):
         if not entries:
             return
 
-        hzs = zs = partial_sums = None
+        hzs = zs = keys = partial_sums = None
         if hessian_step:
-            zs, hzs, partial_sums = self._estimate(entries)
+            zs, keys, hzs, partial_sums = self._estimate(entries)
             if grad_scale is not None:
                 suspects = hzs + (partial_sums or [])
                 if bool(found_inf) or bool(functional.nonfinite(suspects)):
@@ -209,6 +209,7 @@ class AdaHessian(Optimizer):
             if hessian_step:
                 lists["zs"].append(zs[n])
                 lists["hzs"].append(hzs[n])
+                lists["keys"].append(keys[n])
                 if partial_sums is not None:
                     lists["partial_sums"].append(partial_sums[n])
 
@@ -220,10 +221,11 @@ class AdaHessian(Optimizer):
                 lists["hessians"], lists["state_steps"],
                 hzs=lists["hzs"] if hessian_step else None,
                 zs=lists["zs"] if hessian_step else None,
+                keys=lists["keys"] if hessian_step else None,
                 partial_sums=lists["partial_sums"] if partial_sums is not None else None,
                 n_samples=self.n_samples, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
-                average_conv_kernel=self.average_conv_kernel, grad_scale=grad_scale, backend=backend,
+                average_conv_kernel=self.average_conv_kernel, grad_scale=grad_scale, found_inf=found_inf, backend=backend,
             )
 
         self._step_count_total += 1
@@ -232,7 +234,7 @@ class AdaHessian(Optimizer):
 
     def _estimate(self, entries):
         """Hutchinson: per sample, one autograd call over every gradient that has a
-        graph. Returns the last sample's z and Hz per entry, and the sum of z * Hz
+        graph. Returns the last sample's z, sampler key and Hz per entry, and the sum of z * Hz
         over the earlier samples (None when n_samples == 1)."""
         params = [p for _, _, p in entries]
         grads = [p.grad for p in params]
@@ -246,11 +248,12 @@ class AdaHessian(Optimizer):
         if self.n_samples > 1:
             partial_sums = [torch.zeros_like(p, dtype=functional.state_dtype(p)) for p in params]
         for s in range(self.n_samples):
+            keys = [sampler.rademacher_key(self.seed, idx, self._rademacher_counter + s) for _, idx, _ in entries]
             zs: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
             for backend in set(backends_):
                 ns = [n for n, b in enumerate(backends_) if b == backend]
-                keys = [sampler.rademacher_key(self.seed, entries[n][1], self._rademacher_counter + s) for n in ns]
-                for n, z in zip(ns, functional.sample_rademacher([params[n] for n in ns], keys, backend=backend)):
+                sampled = functional.sample_rademacher([params[n] for n in ns], [keys[n] for n in ns], backend=backend)
+                for n, z in zip(ns, sampled):
                     zs[n] = z
             hzs = [torch.zeros_like(p) for p in params]
             graph_hzs = hutchinson.hessian_vector_products(
@@ -265,7 +268,7 @@ class AdaHessian(Optimizer):
                     functional.accumulate_hessian_(
                         [partial_sums[n] for n in ns], [zs[n] for n in ns], [hzs[n] for n in ns], backend=backend
                     )
-        return zs, hzs, partial_sums
+        return zs, keys, hzs, partial_sums
 
     def _warn_no_graph(self, missing: list[tuple[int, Tensor]]) -> None:
         new = [(idx, p) for idx, p in missing if idx not in self._warned_no_graph]
@@ -289,7 +292,7 @@ class AdaHessian(Optimizer):
 
 
 def _empty_lists() -> dict[str, list]:
-    keys = ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians", "state_steps", "zs", "hzs", "partial_sums")
+    keys = ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians", "state_steps", "zs", "keys", "hzs", "partial_sums")
     return {k: [] for k in keys}
 
 
