@@ -173,15 +173,15 @@ class AdaHessian(Optimizer):
         if not entries:
             return
 
+        # GradScaler semantics: a step with an inf/NaN in the gradients (found by the
+        # scaler) or in Hz (found here) is skipped, and nothing changes.
+        if found_inf is not None and bool(found_inf):
+            return
         hzs = zs = keys = partial_sums = None
         if hessian_step:
             zs, keys, hzs, partial_sums = self._estimate(entries)
-            if grad_scale is not None:
-                suspects = hzs + (partial_sums or [])
-                if bool(found_inf) or bool(functional.nonfinite(suspects)):
-                    return  # GradScaler semantics: skip the step, nothing changes
-        elif found_inf is not None and bool(found_inf):
-            return
+            if grad_scale is not None and bool(functional.nonfinite(hzs + (partial_sums or []))):
+                return
 
         # Gather per (group, backend) lists; initialise state on first use.
         buckets: dict[tuple[int, str], dict[str, list]] = {}
