@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends, functional, hutchinson, sampler
+from . import backends, distributed, functional, hutchinson, sampler
 
 BACKENDS = ("auto", "fused", "reference")
 
@@ -48,6 +48,7 @@ class AdaHessian(Optimizer):
         *,
         backend: str = "auto",
         seed: int = 2147483647,
+        process_group: Any = None,
     ) -> None:
         if not (isinstance(update_each, int) and update_each >= 1):
             raise ValueError(f"Invalid update_each: {update_each} (an int >= 1)")
@@ -63,6 +64,10 @@ class AdaHessian(Optimizer):
         self.average_conv_kernel = bool(average_conv_kernel)
         self.backend = backend
         self.seed = seed
+        # torch.distributed: a ProcessGroup, "world" (the default group) or None.
+        self.process_group = process_group
+        self._group = None
+        self._group_checked = False
         # Optimizer-level counters (plain ints, saved by state_dict): steps taken, and
         # Rademacher vectors drawn per parameter so far (the sampler's `counter`).
         self._step_count_total = 0
@@ -126,6 +131,7 @@ class AdaHessian(Optimizer):
             self._step_count_total = int(counters["step"])
             self._rademacher_counter = int(counters["counter"])
             self.seed = int(counters["seed"])
+        self._group_checked = False  # re-check that the ranks agree on the loaded counters
         # Optimizer.load_state_dict casts every state tensor to its parameter's dtype;
         # a bfloat16/float16 parameter's state stays float32 (SPEC section 3).
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -154,41 +160,60 @@ class AdaHessian(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and grad_scale is None:
             raise RuntimeError(UNSCALED_MESSAGE)
+        group = self._distributed_group()
+        # GradScaler semantics: a step with an inf/NaN in the gradients (found by the
+        # scaler) or in Hz (found here) is skipped, and nothing changes. Distributed, the
+        # decision waits for the reduced values, so that every rank takes the same one.
+        if group is None and found_inf is not None and bool(found_inf):
+            return
 
         hessian_step = self.hessian_due
-        # (group index, flat parameter index, parameter) of every parameter with a gradient.
-        entries: list[tuple[int, int, Tensor]] = []
+        entries, grads = self._gather(every_trainable=group is not None)
+        if not entries:
+            return
+        estimate = self._estimate(entries, grads) if hessian_step else None
+        if group is not None:
+            entries, grads, estimate = self._all_reduce(group, entries, grads, estimate, grad_scale)
+            if grad_scale is not None and bool(functional.nonfinite(grads + _estimated(estimate))):
+                return
+            grad_scale = found_inf = None  # unscaled before the reduce
+        elif grad_scale is not None and bool(functional.nonfinite(_estimated(estimate))):
+            return
+
+        self._update(entries, grads, estimate, grad_scale, found_inf)
+        self._step_count_total += 1
+        if hessian_step:
+            self._rademacher_counter += self.n_samples
+
+    def _gather(self, every_trainable: bool) -> tuple[list[tuple[int, int, Tensor]], list[Tensor | None]]:
+        """(group index, flat parameter index, parameter) of every parameter with a
+        gradient, and the gradients. Distributed, every parameter that requires grad
+        takes part (None where this rank has no gradient): all ranks must lay out their
+        buckets alike."""
+        entries, grads = [], []
         flat_index = 0
         for g, group in enumerate(self.param_groups):
             for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError(
-                            "AdaHessian does not support sparse gradients: the Hessian-vector "
-                            "product needs a dense gradient graph (use a dense nn.Embedding, "
-                            "sparse=False)."
-                        )
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        "AdaHessian does not support sparse gradients: the Hessian-vector "
+                        "product needs a dense gradient graph (use a dense nn.Embedding, "
+                        "sparse=False)."
+                    )
+                if p.grad is not None or (every_trainable and p.requires_grad):
                     entries.append((g, flat_index, p))
+                    grads.append(p.grad)
                 flat_index += 1
-        if not entries:
-            return
+        return entries, grads
 
-        # GradScaler semantics: a step with an inf/NaN in the gradients (found by the
-        # scaler) or in Hz (found here) is skipped, and nothing changes.
-        if found_inf is not None and bool(found_inf):
-            return
-        hzs = zs = keys = partial_sums = None
-        if hessian_step:
-            zs, keys, hzs, partial_sums = self._estimate(entries)
-            if grad_scale is not None and bool(functional.nonfinite(hzs + (partial_sums or []))):
-                return
-
-        # Gather per (group, backend) lists; initialise state on first use.
+    def _update(self, entries, grads, estimate, grad_scale, found_inf) -> None:
+        """Initialise state on first use, gather per (group, backend) lists, and run the
+        functional core on each."""
         buckets: dict[tuple[int, str], dict[str, list]] = {}
         for n, (g, _, p) in enumerate(entries):
             state = self.state[p]
             if not state:
-                if not hessian_step:
+                if estimate is None:
                     continue  # no D yet: wait for the next Hessian step
                 dtype = functional.state_dtype(p)
                 state["step"] = 0
@@ -196,52 +221,50 @@ class AdaHessian(Optimizer):
                 state["exp_hessian_diag_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 if self.update_each > 1:
                     state["hessian"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            elif not hessian_step and "hessian" not in state:
+            elif estimate is None and "hessian" not in state:
                 continue
             state["step"] += 1
             lists = buckets.setdefault((g, self._backend_for(p.device)), _empty_lists())
             lists["params"].append(p)
-            lists["grads"].append(p.grad)
+            lists["grads"].append(grads[n])
             lists["exp_avgs"].append(state["exp_avg"])
             lists["exp_hessian_diag_sqs"].append(state["exp_hessian_diag_sq"])
             lists["hessians"].append(state.get("hessian"))
             lists["state_steps"].append(state["step"])
-            if hessian_step:
-                lists["zs"].append(zs[n])
-                lists["hzs"].append(hzs[n])
-                lists["keys"].append(keys[n])
-                if partial_sums is not None:
-                    lists["partial_sums"].append(partial_sums[n])
+            if estimate is not None:
+                for key in ("zs", "keys", "hzs"):
+                    lists[key].append(getattr(estimate, key)[n])
+                if estimate.partial_sums is not None:
+                    lists["partial_sums"].append(estimate.partial_sums[n])
 
         for (g, backend), lists in buckets.items():
             group = self.param_groups[g]
             beta1, beta2 = group["betas"]
+            hessian_step = estimate is not None
             functional.adahessian(
                 lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_hessian_diag_sqs"],
                 lists["hessians"], lists["state_steps"],
                 hzs=lists["hzs"] if hessian_step else None,
                 zs=lists["zs"] if hessian_step else None,
                 keys=lists["keys"] if hessian_step else None,
-                partial_sums=lists["partial_sums"] if partial_sums is not None else None,
+                partial_sums=lists["partial_sums"] if hessian_step and estimate.partial_sums is not None else None,
                 n_samples=self.n_samples, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
-                average_conv_kernel=self.average_conv_kernel, grad_scale=grad_scale, found_inf=found_inf, backend=backend,
+                average_conv_kernel=self.average_conv_kernel, grad_scale=grad_scale, found_inf=found_inf,
+                backend=backend,
             )
 
-        self._step_count_total += 1
-        if hessian_step:
-            self._rademacher_counter += self.n_samples
-
-    def _estimate(self, entries):
+    def _estimate(self, entries, grads) -> Estimate:
         """Hutchinson: per sample, one autograd call over every gradient that has a
-        graph. Returns the last sample's z, sampler key and Hz per entry, and the sum of z * Hz
-        over the earlier samples (None when n_samples == 1)."""
+        graph. Returns the last sample's z, sampler key and Hz per entry, and the sum
+        of z * Hz over the earlier samples (None when n_samples == 1)."""
         params = [p for _, _, p in entries]
-        grads = [p.grad for p in params]
-        graph = [n for n, grad in enumerate(grads) if hutchinson.has_graph(grad)]
-        if not graph:
-            raise RuntimeError(hutchinson.NO_GRAPH_MESSAGE)
-        self._warn_no_graph([(idx, p) for (_, idx, p), grad in zip(entries, grads) if not hutchinson.has_graph(grad)])
+        graph = [n for n, grad in enumerate(grads) if grad is not None and hutchinson.has_graph(grad)]
+        if not graph and any(grad is not None for grad in grads):
+            raise RuntimeError(hutchinson.NO_GRAPH_MESSAGE + distributed.ddp_hint())
+        self._warn_no_graph(
+            [(idx, p) for (_, idx, p), grad in zip(entries, grads) if grad is not None and not hutchinson.has_graph(grad)]
+        )
         backends_ = [self._backend_for(p.device) for p in params]
 
         partial_sums = None
@@ -256,19 +279,66 @@ class AdaHessian(Optimizer):
                 for n, z in zip(ns, sampled):
                     zs[n] = z
             hzs = [torch.zeros_like(p) for p in params]
-            graph_hzs = hutchinson.hessian_vector_products(
-                [grads[n] for n in graph], [params[n] for n in graph], [zs[n] for n in graph],
-                retain_graph=s < self.n_samples - 1,
-            )
-            for n, hz in zip(graph, graph_hzs):
-                hzs[n] = hz
+            if graph:
+                graph_hzs = hutchinson.hessian_vector_products(
+                    [grads[n] for n in graph], [params[n] for n in graph], [zs[n] for n in graph],
+                    retain_graph=s < self.n_samples - 1,
+                )
+                for n, hz in zip(graph, graph_hzs):
+                    hzs[n] = hz
             if s < self.n_samples - 1:
                 for backend in set(backends_):
                     ns = [n for n, b in enumerate(backends_) if b == backend]
                     functional.accumulate_hessian_(
-                        [partial_sums[n] for n in ns], [zs[n] for n in ns], [hzs[n] for n in ns], backend=backend
+                        [partial_sums[n] for n in ns], [zs[n] for n in ns], [hzs[n] for n in ns],
+                        keys=[keys[n] for n in ns], backend=backend,
                     )
-        return zs, keys, hzs, partial_sums
+        return Estimate(zs, keys, hzs, partial_sums)
+
+    def _distributed_group(self):
+        """The resolved process group (None when single-process); on the first step,
+        the one-time checks that the ranks agree."""
+        if self._group_checked:
+            return self._group
+        self._group = distributed.resolve_group(self.process_group)
+        if self._group is None:
+            distributed.warn_if_ranks_would_diverge()
+        else:
+            device = next(iter(self._flat_params())).device
+            distributed.check_same_everywhere(self._group, self._sync_fingerprint(), device)
+        self._group_checked = True
+        return self._group
+
+    def _sync_fingerprint(self) -> dict[str, int]:
+        return {
+            "seed": self.seed,
+            "step counter": self._step_count_total,
+            "Rademacher counter": self._rademacher_counter,
+            "update_each": self.update_each,
+            "n_samples": self.n_samples,
+            "number of parameters": len(self._flat_params()),
+        }
+
+    def _all_reduce(self, group, entries, grads, estimate, grad_scale):
+        """Average gradients (and, on Hessian steps, Hz and the partial sums) across
+        ranks in one bucketed all-reduce, with a presence flag per parameter riding
+        along: a parameter no rank has a gradient for is dropped, one some ranks lack
+        gets their zeros. Unscales locally first: ranks' loss scales may differ."""
+        present = torch.tensor([g is not None for g in grads], dtype=torch.float32, device=entries[0][2].device)
+        grads = [torch.zeros_like(p) if g is None else g.detach() for (_, _, p), g in zip(entries, grads)]
+        reduced = grads + _estimated(estimate)
+        if grad_scale is not None:
+            torch._foreach_mul_(reduced, grad_scale.double().reciprocal().item())
+        distributed.all_reduce_mean_(reduced + [present], group)
+        keep = [n for n, flag in enumerate(present.tolist()) if flag > 0]
+        # grads[n] shares p.grad's storage, so p.grad now holds the average; a rank
+        # that had no gradient gets one: every rank leaves step() with the same grads.
+        for n in keep:
+            if entries[n][2].grad is None:
+                entries[n][2].grad = grads[n]
+        if estimate is not None:
+            estimate = Estimate(*([x[n] for n in keep] if x is not None else None for x in estimate))
+        return [entries[n] for n in keep], [grads[n] for n in keep], estimate
 
     def _warn_no_graph(self, missing: list[tuple[int, Tensor]]) -> None:
         new = [(idx, p) for idx, p in missing if idx not in self._warned_no_graph]
@@ -289,6 +359,22 @@ class AdaHessian(Optimizer):
         for p in self._flat_params():
             if p.grad is not None and p.grad.requires_grad:
                 p.grad = p.grad.detach()
+
+
+class Estimate(NamedTuple):
+    """A Hessian step's Hutchinson data, aligned with the step's parameter list."""
+
+    zs: list[Tensor]
+    keys: list[int]
+    hzs: list[Tensor]
+    partial_sums: list[Tensor] | None
+
+
+def _estimated(estimate: Estimate | None) -> list[Tensor]:
+    """The estimate's tensors that carry the loss scale and cross ranks."""
+    if estimate is None:
+        return []
+    return estimate.hzs + (estimate.partial_sums or [])
 
 
 def _empty_lists() -> dict[str, list]:

@@ -1,0 +1,99 @@
+"""Data parallelism on ``torch.distributed``: averaging gradients and Hessian-vector
+products across ranks in a few flat buckets.
+
+Every rank draws the same z (the sampler is counter-based), so averaging the ranks'
+``Hz`` gives ``H z`` of the global loss, and ``z * mean(Hz) == mean(z * Hz)`` exactly
+(z is +-1). Averaging Hz rather than ``z * Hz`` lets the fused kernels still
+regenerate z instead of reading it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+# Elements per all-reduce: large enough that latency is paid a few times per step,
+# small enough that a flattened copy never needs one contiguous multi-GB block.
+BUCKET_ELEMENTS = 64 * 1024 * 1024
+
+WORLD = "world"
+
+
+def resolve_group(process_group):
+    """The process group to average over, or None for single-process training."""
+    if process_group is None:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "AdaHessian(process_group=...) needs torch.distributed to be initialised: call "
+            "torch.distributed.init_process_group() (torchrun sets up its environment) first."
+        )
+    return dist.group.WORLD if process_group == WORLD else process_group
+
+
+def warn_if_ranks_would_diverge() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        warnings.warn(
+            f"AdaHessian: torch.distributed runs {dist.get_world_size()} ranks but the optimizer "
+            "was given no process_group, so each rank steps on its own gradients and the ranks' "
+            "parameters drift apart. Pass AdaHessian(..., process_group='world') (and do not wrap "
+            "the model in DistributedDataParallel, which has no double backward).",
+            stacklevel=4,
+        )
+
+
+def check_same_everywhere(group, values: dict[str, int], device: torch.device) -> None:
+    """Raise unless every rank holds the same ``values`` (seed, counters, ...): ranks
+    that disagree would draw different z and silently average unrelated estimates."""
+    t = torch.tensor(list(values.values()), dtype=torch.int64, device=device)
+    both = torch.cat([t, -t])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    high, low = both[: len(t)], -both[len(t) :]
+    differ = [name for name, h, l in zip(values, high.tolist(), low.tolist()) if h != l]
+    if differ:
+        raise RuntimeError(
+            f"AdaHessian: the ranks disagree on {', '.join(differ)}; every rank must build the "
+            "optimizer with the same arguments (seed included) and load the same state_dict."
+        )
+
+
+def all_reduce_mean_(tensors: list[Tensor], group) -> None:
+    """Average ``tensors`` across the ranks of ``group``, in place, with one collective
+    per bucket of same-device, same-dtype tensors (issued together, then awaited)."""
+    world = dist.get_world_size(group)
+    # NCCL averages in the collective; gloo has no AVG: sum, then divide.
+    op = dist.ReduceOp.AVG if dist.get_backend(group) == "nccl" else dist.ReduceOp.SUM
+    buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
+    for t in tensors:
+        chain = buckets.setdefault((t.device, t.dtype), [[]])
+        if chain[-1] and sum(x.numel() for x in chain[-1]) + t.numel() > BUCKET_ELEMENTS:
+            chain.append([])
+        chain[-1].append(t)
+    pending = []
+    for chain in buckets.values():
+        for members in chain:
+            flat = _flatten_dense_tensors(members)
+            pending.append((flat, members, dist.all_reduce(flat, op=op, group=group, async_op=True)))
+    for flat, members, work in pending:
+        work.wait()
+        if op == dist.ReduceOp.SUM:
+            flat.div_(world)
+        for t, reduced in zip(members, _unflatten_dense_tensors(flat, members)):
+            t.copy_(reduced)
+
+
+def ddp_hint() -> str:
+    """Extra advice for the no-graph error when a multi-rank job is running: the
+    usual cause there is a DistributedDataParallel wrapper."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return ""
+    return (
+        " In a distributed job the usual cause is DistributedDataParallel: it has no double "
+        "backward (its reduced gradients carry no graph). Train the unwrapped model and pass "
+        "AdaHessian(..., process_group='world'), which averages gradients and Hessian "
+        "estimates across ranks itself."
+    )

@@ -1,0 +1,80 @@
+"""Code run by each rank of the distributed tests (spawned processes, gloo on loopback)."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from adahessian import AdaHessian
+
+# Each config trains the same model; the single-process run on the concatenated batch is the oracle.
+CONFIGS = {
+    "plain": dict(lr=0.05),
+    "update_each": dict(lr=0.05, update_each=3, weight_decay=0.01),
+    "n_samples": dict(lr=0.05, n_samples=2, hessian_power=0.5),
+}
+STEPS = 6
+PER_RANK = 4
+
+
+def make_model(dtype=torch.float64):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)).to(dtype)
+
+
+def batches(world, dtype=torch.float64):
+    g = torch.Generator().manual_seed(7)
+    n = PER_RANK * world
+    return [(torch.randn(n, 5, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)) for _ in range(STEPS)]
+
+
+def train(config, backend, world, rank=None, process_group=None):
+    """Train on rank's shard of each batch (the whole batch when rank is None)."""
+    model = make_model()
+    opt = AdaHessian(model.parameters(), backend=backend, process_group=process_group, **CONFIGS[config])
+    for x, y in batches(world):
+        if rank is not None:
+            x, y = x[rank * PER_RANK : (rank + 1) * PER_RANK], y[rank * PER_RANK : (rank + 1) * PER_RANK]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward(create_graph=opt.hessian_due)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def run(rank, world, init_file, out_file, backend, scenario):
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=10)
+    )
+    torch.set_num_threads(1)
+    try:
+        if scenario == "equivalence":
+            result = {name: train(name, backend, world, rank, "world") for name in CONFIGS}
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train("plain", backend, world, rank, process_group=None)
+            result["warned_without_group"] = sum("drift apart" in str(w.message) for w in caught)
+        elif scenario == "seed_mismatch":
+            model = make_model()
+            opt = AdaHessian(model.parameters(), seed=rank, backend=backend, process_group="world")
+            model(torch.randn(2, 5, dtype=torch.float64)).sum().backward(create_graph=True)
+            try:
+                opt.step()
+                result = "no error"
+            except RuntimeError as err:
+                result = str(err)
+        elif scenario == "rank_raises":
+            if rank == 1:
+                raise ValueError("rank 1 fails before its step")
+            result = train("plain", backend, world, rank, "world")
+        torch.save(result, out_file)
+    except Exception:
+        traceback.print_exc()
+        sys.exit(3)
+    finally:
+        if dist.is_initialized() and scenario != "rank_raises":
+            dist.destroy_process_group()
