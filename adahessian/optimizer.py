@@ -28,8 +28,9 @@ class AdaHessian(Optimizer):
     """AdaHessian (Yao et al., AAAI 2021): Adam with the squared gradient replaced by
     the squared Hutchinson estimate of the Hessian diagonal.
 
-    Arguments and defaults are the original pure-Python implementation's; ``backend``
-    and ``seed`` are keyword-only additions. See the README for the full table.
+    Arguments and defaults are the original pure-Python implementation's; ``backend``,
+    ``seed`` and ``process_group`` are keyword-only additions. See the README for the
+    full table.
     """
 
     _step_supports_amp_scaling = True
@@ -97,7 +98,6 @@ class AdaHessian(Optimizer):
                     "real loss in complex variables is not what its update assumes); optimize "
                     "torch.view_as_real(param) instead."
                 )
-        for p in group["params"]:
             self._backend_for(p.device)  # backend="fused" fails here, not at the first step
 
     @torch.no_grad()
