@@ -6,10 +6,15 @@ import warnings
 
 import torch
 
+from . import _ops
+
 
 def fused_unavailable_reason(device: torch.device) -> str | None:
-    """None when the compiled kernels can run on ``device``, else why not."""
-    return f"no compiled AdaHessian kernels are built into this version of the package (device {device.type})"
+    """None when the compiled kernels can run on ``device``, else why not (the first
+    call for a CPU device loads them, JIT-building them if need be)."""
+    if device.type != "cpu":
+        return f"the compiled AdaHessian kernels run on the CPU only so far (device {device.type})"
+    return _ops.load_error()
 
 
 def resolve(requested: str, device: torch.device) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import sampler
+from . import _ops, sampler
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -26,14 +26,26 @@ def sample_rademacher(like: list[Tensor], keys: list[int], *, backend: str) -> l
     """One Rademacher vector per tensor of ``like`` (its shape, dtype and device)."""
     if backend == "reference":
         return [sampler.rademacher(t.shape, k, dtype=t.dtype, device=t.device) for t, k in zip(like, keys)]
+    if backend == "fused":
+        out = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in like]
+        _ops.ops().rademacher_(out, keys)
+        return out
     raise _unknown(backend)
 
 
-def accumulate_hessian_(acc: list[Tensor], zs: list[Tensor], hzs: list[Tensor], *, backend: str) -> None:
-    """``acc += z * Hz`` for one Hutchinson sample (every sample but the last)."""
+def accumulate_hessian_(
+    acc: list[Tensor], zs: list[Tensor], hzs: list[Tensor], *, keys: list[int] | None = None, backend: str
+) -> None:
+    """``acc += z * Hz`` for one Hutchinson sample (every sample but the last). The fused
+    kernels regenerate z from its sampler ``keys`` rather than read ``zs`` (one stream less)."""
     if backend == "reference":
         for a, z, hz in zip(acc, zs, hzs):
             a.add_(z.to(a.dtype) * hz.to(a.dtype))
+        return
+    if backend == "fused":
+        if keys is None:
+            raise ValueError("accumulate_hessian_(backend='fused') regenerates z from the sampler keys: pass keys=")
+        _ops.ops().accumulate_hessian_(acc, hzs, keys)
         return
     raise _unknown(backend)
 
@@ -91,6 +103,14 @@ def adahessian(
             average_conv_kernel=average_conv_kernel, grad_scale=grad_scale,
         )
         return
+    if backend == "fused":
+        _fused(
+            params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, state_steps,
+            hzs=hzs, keys=keys, partial_sums=partial_sums, n_samples=n_samples, lr=lr, beta1=beta1,
+            beta2=beta2, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
+            average_conv_kernel=average_conv_kernel, grad_scale=grad_scale, found_inf=found_inf,
+        )
+        return
     raise _unknown(backend)
 
 
@@ -140,6 +160,29 @@ def _reference(
         p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
         if p is not param:
             param.copy_(p)
+
+
+def _fused(
+    params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, state_steps, *, hzs, keys, partial_sums, **scalars,
+):
+    # One kernel call for all tensors (torch.ops.adahessian.fused_step_; the scalars go by
+    # their schema names); the kernel checks found_inf itself. Its hessians list is all or
+    # nothing, so a Hessian step over state restored from a run with another update_each
+    # (some D kept, some not) makes one call per kind.
+    kept = [h is not None for h in hessians]
+    if hzs is not None and any(kept) and not all(kept):
+        for keep in (True, False):
+            idx = [i for i, k in enumerate(kept) if k == keep]
+            pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+            _fused(
+                *map(pick, (params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, state_steps)),
+                hzs=pick(hzs), keys=pick(keys), partial_sums=pick(partial_sums), **scalars,
+            )
+        return
+    _ops.ops().fused_step_(
+        params, grads, exp_avgs, exp_hessian_diag_sqs, hessians if all(kept) else [],
+        hzs=hzs or [], partial_sums=partial_sums or [], keys=keys or [], steps=state_steps, **scalars,
+    )
 
 
 def _unknown(backend: str) -> ValueError:

@@ -1,0 +1,390 @@
+// CPU kernels of the adahessian ops (schemas in csrc/ops.cpp). Every op takes lists of
+// tensors and runs one at::parallel_for over (tensor, chunk) work items, so a model of
+// many small tensors costs per element what one big tensor does. Within a work item,
+// tiles small enough for L1 go through at::vec::Vectorized loops that call the shared
+// per-element math (adahessian/math.h).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <adahessian/math.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace adahessian {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+
+// Elements per work item: large enough to amortise scheduling, small enough to balance
+// a few big tensors over the threads.
+constexpr int64_t kChunk = 1 << 16;
+// Elements per tile: the scratch buffers of a tile stay in L1.
+constexpr int64_t kTile = 512;
+// Fewest elements worth a thread (at::internal::GRAIN_SIZE, as torch's elementwise ops).
+constexpr int64_t kGrain = 32768;
+
+// sqrt and pow of at::vec lanes, for adahessian_update.
+struct VecMath {
+  template <typename V>
+  static V sqrt(const V& x) { return x.sqrt(); }
+  template <typename V>
+  static V pow(const V& x, const V& y) { return x.pow(y); }
+};
+
+// Calls f(offset, count) over [0, n) in steps of one vector, the last one partial
+// (Vectorized::loadu/store with a count), so tails run the same math as the rest.
+template <typename Vec, typename F>
+inline void for_each_vector(int64_t n, const F& f) {
+  int64_t k = 0;
+  for (; k + Vec::size() <= n; k += Vec::size()) f(k, Vec::size());
+  if (k < n) f(k, n - k);
+}
+
+// z at logical indices first .. first + count - 1 of the vector with this key.
+template <typename T>
+void rademacher_fill(T* out, uint32_t key, int64_t first, int64_t count) {
+  for (int64_t k = 0; k < count;) {
+    const uint64_t index = first + k;
+    // Up to the next multiple of 2^32 the high half of the index, hence base, is fixed.
+    const int64_t run = std::min<int64_t>(count - k, (uint64_t{1} << 32) - (index & 0xFFFFFFFFu));
+    const uint32_t base = rademacher_base(key, index);
+    const uint32_t low = static_cast<uint32_t>(index);
+    for (int64_t j = 0; j < run; ++j) out[k + j] = rademacher_sign<T>(base, low + static_cast<uint32_t>(j));
+    k += run;
+  }
+}
+
+uint32_t checked_key(int64_t key) {
+  TORCH_CHECK(key >= 0 && key <= 0xFFFFFFFFll, "adahessian: sampler keys are 32-bit unsigned, got ", key);
+  return static_cast<uint32_t>(key);
+}
+
+// The kernels index every tensor by logical row-major position (z depends on it, SPEC
+// section 4; conv-kernel averaging reduces contiguous kh*kw blocks). A non-contiguous
+// tensor (a channels-last conv weight, an expanded Hz) is processed as a contiguous copy,
+// and mutated copies are written back at the end.
+class ContiguousViews {
+ public:
+  Tensor read(const Tensor& t) { return t.contiguous(); }
+  Tensor write(const Tensor& t) {
+    if (t.is_contiguous()) return t;
+    Tensor copy = t.contiguous();
+    write_back_.emplace_back(t, copy);
+    return copy;
+  }
+  void finish() {
+    for (auto& [dst, src] : write_back_) dst.copy_(src);
+  }
+
+ private:
+  std::vector<std::pair<Tensor, Tensor>> write_back_;
+};
+
+void check_like(const Tensor& t, const Tensor& param, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "adahessian: ", what, " must be a CPU tensor");
+  TORCH_CHECK(t.sizes() == param.sizes(), "adahessian: ", what, " has shape ", t.sizes(), ", its parameter ",
+              param.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "adahessian: ", what, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+struct WorkItem {
+  size_t tensor;
+  int64_t begin, end;
+};
+
+// Splits tensors of these sizes into work items of whole groups of `group[i]` elements.
+std::vector<WorkItem> work_items(const std::vector<int64_t>& numel, const std::vector<int64_t>& group) {
+  std::vector<WorkItem> items;
+  for (size_t i = 0; i < numel.size(); ++i) {
+    const int64_t chunk = std::max<int64_t>(1, kChunk / group[i]) * group[i];
+    for (int64_t begin = 0; begin < numel[i]; begin += chunk) {
+      items.push_back({i, begin, std::min(numel[i], begin + chunk)});
+    }
+  }
+  return items;
+}
+
+template <typename F>
+void parallel_over(const std::vector<WorkItem>& items, const F& f) {
+  const auto count = static_cast<int64_t>(items.size());
+  int64_t elements = 0;
+  for (const auto& w : items) elements += w.end - w.begin;
+  // Items per thread at least, so that each thread gets about kGrain elements or more.
+  const int64_t grain = std::max<int64_t>(1, count * kGrain / std::max<int64_t>(1, elements));
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) f(items[k]);
+  });
+}
+
+// A tile of a tensor as opmath_t: the memory itself, or a converted copy in `scratch`
+// for bfloat16/float16.
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+const opmath_t* as_opmath(const scalar_t* src, opmath_t* scratch, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    return src;
+  } else {
+    at::vec::convert(src, scratch, n);
+    return scratch;
+  }
+}
+
+// out = hessian_estimate(z, Hz, partial_sum or 0, n_samples, inv_scale) over the tile of
+// n elements at logical index `start`; z is generated into z_scratch, which may be out.
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+void estimate_tile(uint32_t key, int64_t start, int64_t n, const scalar_t* hz, const opmath_t* partial_sum,
+                   opmath_t n_samples, opmath_t inv_scale, opmath_t* z_scratch, opmath_t* hz_scratch, opmath_t* out) {
+  using Vec = Vectorized<opmath_t>;
+  rademacher_fill(z_scratch, key, start, n);
+  const opmath_t* h = as_opmath(hz, hz_scratch, n);
+  const Vec samples(n_samples), scale(inv_scale), zero(0);
+  for_each_vector<Vec>(n, [&](int64_t k, int64_t m) {
+    const Vec sum = partial_sum ? Vec::loadu(partial_sum + k, m) : zero;
+    hessian_estimate(Vec::loadu(z_scratch + k, m), Vec::loadu(h + k, m), sum, samples, scale).store(out + k, m);
+  });
+}
+
+// ------------------------------------------------------------------------ rademacher_
+
+void rademacher_cpu(at::TensorList out, at::IntArrayRef keys) {
+  TORCH_CHECK(out.size() == keys.size(), "adahessian::rademacher_: ", out.size(), " tensors but ", keys.size(),
+              " keys");
+  ContiguousViews views;
+  std::vector<Tensor> dst;
+  std::vector<uint32_t> key;
+  std::vector<int64_t> numel;
+  for (size_t i = 0; i < out.size(); ++i) {
+    TORCH_CHECK(out[i].device().is_cpu(), "adahessian::rademacher_: out must be CPU tensors");
+    dst.push_back(views.write(out[i]));
+    key.push_back(checked_key(keys[i]));
+    numel.push_back(out[i].numel());
+  }
+  const auto items = work_items(numel, std::vector<int64_t>(out.size(), 1));
+  parallel_over(items, [&](const WorkItem& w) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dst[w.tensor].scalar_type(), "rademacher_", [&] {
+      rademacher_fill(dst[w.tensor].data_ptr<scalar_t>() + w.begin, key[w.tensor], w.begin, w.end - w.begin);
+    });
+  });
+  views.finish();
+}
+
+// -------------------------------------------------------------- accumulate_hessian_
+
+template <typename scalar_t>
+void accumulate_chunk(const Tensor& acc, const Tensor& hz, uint32_t key, int64_t begin, int64_t end) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  opmath_t z[kTile], hz_scratch[kTile];
+  for (int64_t start = begin; start < end; start += kTile) {
+    opmath_t* a = acc.data_ptr<opmath_t>() + start;
+    // acc + z * Hz, in the reference's order: the estimate with n_samples = scale = 1.
+    estimate_tile(key, start, std::min(kTile, end - start), hz.const_data_ptr<scalar_t>() + start, a,
+                  opmath_t(1), opmath_t(1), z, hz_scratch, a);
+  }
+}
+
+void accumulate_hessian_cpu(at::TensorList partial_sums, at::TensorList hzs, at::IntArrayRef keys) {
+  TORCH_CHECK(partial_sums.size() == hzs.size() && hzs.size() == keys.size(),
+              "adahessian::accumulate_hessian_: lists of different lengths");
+  ContiguousViews views;
+  std::vector<Tensor> acc, hz;
+  std::vector<uint32_t> key;
+  std::vector<int64_t> numel;
+  for (size_t i = 0; i < hzs.size(); ++i) {
+    check_like(hzs[i], hzs[i], hzs[i].scalar_type(), "hzs");
+    check_like(partial_sums[i], hzs[i], at::toOpMathType(hzs[i].scalar_type()), "partial_sums");
+    acc.push_back(views.write(partial_sums[i]));
+    hz.push_back(views.read(hzs[i]));
+    key.push_back(checked_key(keys[i]));
+    numel.push_back(hzs[i].numel());
+  }
+  const auto items = work_items(numel, std::vector<int64_t>(hzs.size(), 1));
+  parallel_over(items, [&](const WorkItem& w) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hz[w.tensor].scalar_type(), "accumulate_hessian_", [&] {
+      accumulate_chunk<scalar_t>(acc[w.tensor], hz[w.tensor], key[w.tensor], w.begin, w.end);
+    });
+  });
+  views.finish();
+}
+
+// ---------------------------------------------------------------------- fused_step_
+
+// One parameter's tensors (contiguous) and scalars.
+struct StepTensor {
+  Tensor param, grad, exp_avg, exp_hessian_diag_sq;
+  Tensor hessian;      // D kept for later steps; undefined when not kept
+  Tensor hz;           // undefined on steps that reuse the kept D
+  Tensor partial_sum;  // undefined when n_samples == 1
+  uint32_t key = 0;
+  bool average;        // conv-kernel averaging over groups of `group` elements
+  int64_t group;
+  StepCoefficients<double> coefficients;
+};
+
+template <typename scalar_t, Power power>
+void step_chunk(const StepTensor& t, double n_samples, int64_t begin, int64_t end) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<opmath_t>;
+  const auto& c = t.coefficients;
+  const StepCoefficients<Vec> cv{
+      Vec(opmath_t(c.weight_decay_factor)), Vec(opmath_t(c.beta1)), Vec(opmath_t(c.one_minus_beta1)),
+      Vec(opmath_t(c.beta2)), Vec(opmath_t(c.one_minus_beta2)), Vec(opmath_t(c.bias_correction2)),
+      Vec(opmath_t(c.neg_step_size)), Vec(opmath_t(c.eps)), Vec(opmath_t(c.exponent)), Vec(opmath_t(c.inv_scale))};
+
+  // Tiles hold whole averaging groups; a group larger than kTile makes the tile larger.
+  const int64_t tile = std::max<int64_t>(1, kTile / t.group) * t.group;
+  std::unique_ptr<opmath_t[]> scratch(new opmath_t[4 * tile]);  // uninitialised: written before read
+  opmath_t* d_tile = scratch.get();  // z, then D
+  opmath_t* hz_scratch = d_tile + tile;
+  opmath_t* param_scratch = hz_scratch + tile;
+  opmath_t* grad_scratch = param_scratch + tile;
+
+  scalar_t* param = t.param.data_ptr<scalar_t>();
+  const scalar_t* grad = t.grad.const_data_ptr<scalar_t>();
+  opmath_t* exp_avg = t.exp_avg.data_ptr<opmath_t>();
+  opmath_t* exp_hessian_diag_sq = t.exp_hessian_diag_sq.data_ptr<opmath_t>();
+  opmath_t* hessian = t.hessian.defined() ? t.hessian.data_ptr<opmath_t>() : nullptr;
+  const scalar_t* hz = t.hz.defined() ? t.hz.const_data_ptr<scalar_t>() : nullptr;
+  const opmath_t* partial_sum = t.partial_sum.defined() ? t.partial_sum.const_data_ptr<opmath_t>() : nullptr;
+
+  for (int64_t start = begin; start < end; start += tile) {
+    const int64_t n = std::min(tile, end - start);
+
+    // 1. D: this step's estimate, or the kept one.
+    const opmath_t* d = hessian ? hessian + start : nullptr;
+    if (hz) {
+      estimate_tile(t.key, start, n, hz + start, partial_sum ? partial_sum + start : nullptr, opmath_t(n_samples),
+                    opmath_t(c.inv_scale), d_tile, hz_scratch, d_tile);
+      d = d_tile;
+    }
+    // 2. Conv-kernel averaging: mean of |D| over each kh*kw block (sum, then divide,
+    // as torch.mean does).
+    if (t.average) {
+      for (int64_t g = 0; g < n; g += t.group) {
+        opmath_t sum = 0;
+        for (int64_t k = g; k < g + t.group; ++k) sum += std::abs(d[k]);
+        std::fill(d_tile + g, d_tile + g + t.group, sum / static_cast<opmath_t>(t.group));
+      }
+      d = d_tile;
+    }
+    if (hz && hessian) std::memcpy(hessian + start, d, n * sizeof(opmath_t));
+
+    // 3-5. Weight decay, moments, bias correction and the update, in one sweep.
+    opmath_t* p = param_scratch;
+    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+      p = param + start;
+    } else {
+      at::vec::convert(param + start, p, n);
+    }
+    const opmath_t* g = as_opmath(grad + start, grad_scratch, n);
+    opmath_t* m1 = exp_avg + start;
+    opmath_t* m2 = exp_hessian_diag_sq + start;
+    for_each_vector<Vec>(n, [&](int64_t k, int64_t m) {
+      Vec pv = Vec::loadu(p + k, m), m1v = Vec::loadu(m1 + k, m), m2v = Vec::loadu(m2 + k, m);
+      adahessian_update<power, VecMath>(pv, m1v, m2v, Vec::loadu(g + k, m), Vec::loadu(d + k, m), cv);
+      pv.store(p + k, m);
+      m1v.store(m1 + k, m);
+      m2v.store(m2 + k, m);
+    });
+    if constexpr (!std::is_same_v<scalar_t, opmath_t>) {
+      at::vec::convert(p, param + start, n);  // the one rounding of a low-precision parameter
+    }
+  }
+}
+
+void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
+                    at::TensorList partial_sums, at::IntArrayRef keys, at::IntArrayRef steps, double lr,
+                    double beta1, double beta2, double eps, double weight_decay, double hessian_power,
+                    int64_t n_samples, bool average_conv_kernel, const std::optional<Tensor>& grad_scale,
+                    const std::optional<Tensor>& found_inf) {
+  const size_t count = params.size();
+  const bool hessian_step = !hzs.empty();
+  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_hessian_diag_sqs.size() == count &&
+                  steps.size() == count,
+              "adahessian::fused_step_: params, grads, exp_avgs, exp_hessian_diag_sqs and steps must have the "
+              "same length");
+  TORCH_CHECK(hessians.empty() || hessians.size() == count, "adahessian::fused_step_: hessians must be empty or "
+              "one per parameter");
+  TORCH_CHECK(hessian_step || hessians.size() == count,
+              "adahessian::fused_step_: a step without hzs reads D from hessians, which is empty");
+  TORCH_CHECK(!hessian_step || (hzs.size() == count && keys.size() == count),
+              "adahessian::fused_step_: a Hessian step needs one hz and one key per parameter");
+  TORCH_CHECK(hessian_step && n_samples > 1 ? partial_sums.size() == count : partial_sums.empty(),
+              "adahessian::fused_step_: partial_sums are one per parameter on Hessian steps with n_samples > 1, "
+              "else empty");
+  if (found_inf.has_value() && found_inf->item<double>() != 0) return;  // GradScaler skips this step
+
+  const double inv_scale = grad_scale.has_value() ? 1.0 / grad_scale->item<double>() : 1.0;
+  const Power power = hessian_power == 1.0 ? Power::kOne : hessian_power == 0.5 ? Power::kHalf : Power::kGeneral;
+
+  ContiguousViews views;
+  std::vector<StepTensor> tensors;
+  std::vector<int64_t> numel, group;
+  for (size_t i = 0; i < count; ++i) {
+    const Tensor& p = params[i];
+    const at::ScalarType state = at::toOpMathType(p.scalar_type());
+    check_like(p, p, p.scalar_type(), "params");
+    check_like(grads[i], p, p.scalar_type(), "grads");
+    check_like(exp_avgs[i], p, state, "exp_avgs");
+    check_like(exp_hessian_diag_sqs[i], p, state, "exp_hessian_diag_sqs");
+    StepTensor t;
+    t.param = views.write(p);
+    t.grad = views.read(grads[i]);
+    t.exp_avg = views.write(exp_avgs[i]);
+    t.exp_hessian_diag_sq = views.write(exp_hessian_diag_sqs[i]);
+    if (!hessians.empty()) {
+      check_like(hessians[i], p, state, "hessians");
+      t.hessian = hessian_step ? views.write(hessians[i]) : views.read(hessians[i]);
+    }
+    if (hessian_step) {
+      check_like(hzs[i], p, p.scalar_type(), "hzs");
+      t.hz = views.read(hzs[i]);
+      t.key = checked_key(keys[i]);
+      if (!partial_sums.empty()) {
+        check_like(partial_sums[i], p, state, "partial_sums");
+        t.partial_sum = views.read(partial_sums[i]);
+      }
+    }
+    t.average = average_conv_kernel && p.dim() == 4;
+    t.group = t.average ? std::max<int64_t>(1, p.size(2) * p.size(3)) : 1;
+    // The scalars exactly as the reference path forms them, in double.
+    const auto step = static_cast<double>(steps[i]);
+    t.coefficients = {1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, 1 - std::pow(beta2, step),
+                      -lr / (1 - std::pow(beta1, step)), eps, hessian_power / 2, inv_scale};
+    numel.push_back(p.numel());
+    group.push_back(t.group);
+    tensors.push_back(std::move(t));
+  }
+
+  const auto items = work_items(numel, group);
+  parallel_over(items, [&](const WorkItem& w) {
+    const StepTensor& t = tensors[w.tensor];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.param.scalar_type(), "fused_step_", [&] {
+      switch (power) {
+        case Power::kOne: return step_chunk<scalar_t, Power::kOne>(t, n_samples, w.begin, w.end);
+        case Power::kHalf: return step_chunk<scalar_t, Power::kHalf>(t, n_samples, w.begin, w.end);
+        case Power::kGeneral: return step_chunk<scalar_t, Power::kGeneral>(t, n_samples, w.begin, w.end);
+      }
+    });
+  });
+  views.finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adahessian, CPU, m) {
+  m.impl("rademacher_", &rademacher_cpu);
+  m.impl("accumulate_hessian_", &accumulate_hessian_cpu);
+  m.impl("fused_step_", &fused_step_cpu);
+}
+
+}  // namespace adahessian

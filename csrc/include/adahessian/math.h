@@ -1,0 +1,92 @@
+// The per-element math of the fused AdaHessian kernels: the pinned Rademacher hash
+// (SPEC section 4), the Hutchinson estimate and the moment/parameter update (SPEC
+// section 3). One source of truth for every backend: the CPU kernels instantiate these
+// templates with at::vec::Vectorized lanes, CUDA kernels with plain scalars.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace adahessian {
+
+constexpr uint32_t kGolden = 0x9E3779B9u;
+
+// MurmurHash3's 32-bit finaliser (unsigned arithmetic wraps modulo 2^32).
+C10_HOST_DEVICE inline uint32_t fmix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  x ^= x >> 16;
+  return x;
+}
+
+// The hash of the high 32 bits of the logical index: constant over 2^32 elements, so
+// kernels compute it once per run of elements rather than once per element.
+C10_HOST_DEVICE inline uint32_t rademacher_base(uint32_t key, uint64_t index) {
+  return fmix32(key ^ static_cast<uint32_t>(index >> 32));
+}
+
+// z[index] = +1 or -1, given rademacher_base(key, index).
+template <typename T>
+C10_HOST_DEVICE inline T rademacher_sign(uint32_t base, uint64_t index) {
+  return (fmix32(static_cast<uint32_t>(index) * kGolden + base) & 1u) ? T(-1) : T(1);
+}
+
+// D of the last Hutchinson sample, in the reference path's order of operations:
+// (sum of z * Hz over the earlier samples + z * Hz) / n_samples, then unscaled by
+// GradScaler's 1 / scale. Kernels pass identities (0, 1, 1) for absent terms: they
+// change no bits.
+template <typename T>
+C10_HOST_DEVICE inline T hessian_estimate(T z, T hz, T partial_sum, T n_samples, T inv_scale) {
+  return (partial_sum + z * hz) / n_samples * inv_scale;
+}
+
+// Scalars of one tensor's update, computed once per call on the host (in double, then
+// rounded to the arithmetic type as the reference path's Python scalars are).
+template <typename T>
+struct StepCoefficients {
+  T weight_decay_factor;  // 1 - lr * weight_decay
+  T beta1, one_minus_beta1;
+  T beta2, one_minus_beta2;
+  T bias_correction2;     // 1 - beta2^step
+  T neg_step_size;        // -lr / (1 - beta1^step)
+  T eps;
+  T exponent;             // hessian_power / 2
+  T inv_scale;            // 1 / GradScaler's scale, or 1
+};
+
+// (v / bias_correction2)^(hessian_power / 2) has fast paths for the common powers.
+enum class Power { kOne, kHalf, kGeneral };
+
+// sqrt and pow of scalars; the CPU kernels pass a policy of the same shape for vectors.
+struct ScalarMath {
+  template <typename T>
+  C10_HOST_DEVICE static T sqrt(T x) { return ::sqrt(x); }
+  template <typename T>
+  C10_HOST_DEVICE static T pow(T x, T y) { return ::pow(x, y); }
+};
+
+// One element of AdaHessian's update (SPEC section 3, steps 3-5) given D, in place on
+// the parameter p and the moments m and v; grad is still multiplied by the loss scale.
+template <Power power, typename Math = ScalarMath, typename T>
+C10_HOST_DEVICE inline void adahessian_update(T& p, T& m, T& v, T grad, T d, const StepCoefficients<T>& c) {
+  p = p * c.weight_decay_factor;
+  m = m * c.beta1 + grad * c.inv_scale * c.one_minus_beta1;
+  v = v * c.beta2 + c.one_minus_beta2 * d * d;
+  T v_hat = v / c.bias_correction2;
+  T denom;
+  if constexpr (power == Power::kOne) {
+    denom = Math::sqrt(v_hat);
+  } else if constexpr (power == Power::kHalf) {
+    denom = Math::sqrt(Math::sqrt(v_hat));
+  } else {
+    denom = Math::pow(v_hat, c.exponent);
+  }
+  denom = denom + c.eps;
+  p = p + c.neg_step_size * m / denom;
+}
+
+}  // namespace adahessian
