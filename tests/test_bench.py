@@ -1,22 +1,95 @@
-"""Smoke test: the benchmark runs end to end and writes what it promises."""
+"""The benchmark: a smoke run end to end, and its foreach AdaHessian against the reference path."""
 
+import copy
 import importlib.util
 import json
+import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+from adahessian import AdaHessian, backends, sampler
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
 
-def test_bench_quick_writes_results(tmp_path):
+@pytest.fixture(scope="module")
+def bench():
     spec = importlib.util.spec_from_file_location("bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--quick", "--quiet", "--out", str(tmp_path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_run_writes_json_csv_png(bench, tmp_path, restore_threads):
+    # One thread: on a busy 2-core machine, two OpenMP threads wait on each other for
+    # a scheduler slice per parallel region, and a seconds-long run takes minutes.
+    returned = bench.main(["--quick", "--quiet", "--threads", "1", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "results.json").read_text())
-    impls = {r["impl"] for r in result["rows"]}
-    assert {"adam", "adahessian-reference", "adahessian-reference-ue10"} <= impls
-    assert {r["workload"] for r in result["rows"]} == {"cnn", "transformer"}
+    assert result["rows"] == returned["rows"]
+    assert result["torch"] == torch.__version__ and result["rounds"] == 2
+
+    impls = {"adam", "adahessian-reference", "adahessian-foreach"}
+    if backends.fused_unavailable_reason(torch.device("cpu")) is None:
+        impls.add("adahessian-fused")
+    expected = {
+        (w, m, i)
+        for w, measurements in [("cnn", bench.MEASUREMENTS), ("transformer", bench.MEASUREMENTS), ("many-small", ("update", "step"))]
+        for m in measurements
+        for i in impls
+        if not (i == "adam" and m == "iteration-ue10")
+    }
+    assert expected <= {(r["workload"], r["measurement"], r["impl"]) for r in result["rows"]}
     for r in result["rows"]:
-        assert 0 < r["p25_ms"] <= r["median_ms"] <= r["p75_ms"]
-        assert r["vs_adam"] > 0
-    assert result["torch"]
+        assert 0 < r["p25_ms"] <= r["median_ms"] <= r["p75_ms"], r
+        assert r["vs_adam"] > 0 and r["vs_reference"] > 0, r
+        if r["measurement"].startswith("iteration"):
+            assert r["peak_mib"] >= 0 and r["state_mib"] > 0, r
+            assert abs(r["growth_mib"]) < 64, r  # a leaked double-backward graph would show here
+    reference_rows = [r for r in result["rows"] if r["impl"] == "adahessian-reference"]
+    assert all(r["vs_reference"] == 1 for r in reference_rows)
+
+    csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("workload,measurement,impl,median_ms") and len(csv_lines) == len(result["rows"]) + 1
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(weight_decay=0.1, hessian_power=0.5, average_conv_kernel=True)],
+    ids=["defaults", "decay-power-conv"],
+)
+def test_foreach_matches_reference(bench, monkeypatch, options):
+    """A Hessian step and the step after it (update_each=2) update every parameter as
+    AdaHessian(backend="reference") does, given the same Rademacher vectors."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(12, 4), torch.nn.Tanh()
+    )
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(5, 2, 4, 4), torch.randn(5, 4)
+    reference = AdaHessian(model.parameters(), lr=0.05, update_each=2, backend="reference", **options)
+    foreach = bench.ForeachAdaHessian(twin.parameters(), lr=0.05, update_each=2, **options)
+    # The pinned sampler's vectors for the first Hessian step (counter 0), as AdaHessian draws them.
+    monkeypatch.setattr(
+        bench, "rademacher_like",
+        lambda ps: [sampler.rademacher(p.shape, sampler.rademacher_key(reference.seed, i, 0)) for i, p in enumerate(ps)],
+    )
+    for step in range(2):
+        assert reference.hessian_due == foreach.hessian_due == (step == 0)
+        for m, opt in ((model, reference), (twin, foreach)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward(create_graph=opt.hessian_due)
+            opt.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)

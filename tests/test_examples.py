@@ -1,0 +1,42 @@
+"""The examples run and learn: the digits demo at a reduced size, and the quickstart."""
+
+import importlib.util
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny convolutions gain nothing from a second thread, and on a busy 2-core machine
+    # two OpenMP threads wait on each other for a scheduler slice per parallel region.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_digits_reduced_size_learns(tmp_path, one_thread):
+    spec = importlib.util.spec_from_file_location("train_digits", EXAMPLES / "train_digits.py")
+    train_digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_digits)
+    result = train_digits.main(["--epochs", "5", "--seeds", "1", "--out", str(tmp_path)])
+    assert result["summary"]["adahessian"]["accuracy"] >= 0.90
+    assert result["summary"]["adam"]["accuracy"] >= 0.90
+    for run in result["runs"]:
+        assert run["train_loss"][-1] < run["train_loss"][0] / 4
+    assert json.loads((tmp_path / "results.json").read_text())["summary"] == result["summary"]
+    assert (tmp_path / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quickstart_runs(capsys, monkeypatch, one_thread):
+    monkeypatch.setattr(sys, "argv", ["quickstart.py"])
+    runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
+    losses = [float(line.split()[-1]) for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert len(losses) == 7 and losses[-1] < losses[0] / 4
