@@ -10,6 +10,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <adahessian/host.h>
 #include <adahessian/math.h>
 
 #include <algorithm>
@@ -25,9 +26,6 @@ namespace {
 using at::Tensor;
 using at::vec::Vectorized;
 
-// Elements per work item: large enough to amortise scheduling, small enough to balance
-// a few big tensors over the threads.
-constexpr int64_t kChunk = 1 << 16;
 // Elements per tile: the scratch buffers of a tile stay in L1.
 constexpr int64_t kTile = 512;
 // Fewest elements worth a thread (at::internal::GRAIN_SIZE, as torch's elementwise ops).
@@ -62,56 +60,6 @@ void rademacher_fill(T* out, uint32_t key, int64_t first, int64_t count) {
     for (int64_t j = 0; j < run; ++j) out[k + j] = rademacher_sign<T>(base, low + static_cast<uint32_t>(j));
     k += run;
   }
-}
-
-uint32_t checked_key(int64_t key) {
-  TORCH_CHECK(key >= 0 && key <= 0xFFFFFFFFll, "adahessian: sampler keys are 32-bit unsigned, got ", key);
-  return static_cast<uint32_t>(key);
-}
-
-// The kernels index every tensor by logical row-major position (z depends on it, SPEC
-// section 4; conv-kernel averaging reduces contiguous kh*kw blocks). A non-contiguous
-// tensor (a channels-last conv weight, an expanded Hz) is processed as a contiguous copy,
-// and mutated copies are written back at the end.
-class ContiguousViews {
- public:
-  Tensor read(const Tensor& t) { return t.contiguous(); }
-  Tensor write(const Tensor& t) {
-    if (t.is_contiguous()) return t;
-    Tensor copy = t.contiguous();
-    write_back_.emplace_back(t, copy);
-    return copy;
-  }
-  void finish() {
-    for (auto& [dst, src] : write_back_) dst.copy_(src);
-  }
-
- private:
-  std::vector<std::pair<Tensor, Tensor>> write_back_;
-};
-
-void check_like(const Tensor& t, const Tensor& param, at::ScalarType dtype, const char* what) {
-  TORCH_CHECK(t.device().is_cpu(), "adahessian: ", what, " must be a CPU tensor");
-  TORCH_CHECK(t.sizes() == param.sizes(), "adahessian: ", what, " has shape ", t.sizes(), ", its parameter ",
-              param.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "adahessian: ", what, " must be ", dtype, ", got ", t.scalar_type());
-}
-
-struct WorkItem {
-  size_t tensor;
-  int64_t begin, end;
-};
-
-// Splits tensors of these sizes into work items of whole groups of `group[i]` elements.
-std::vector<WorkItem> work_items(const std::vector<int64_t>& numel, const std::vector<int64_t>& group) {
-  std::vector<WorkItem> items;
-  for (size_t i = 0; i < numel.size(); ++i) {
-    const int64_t chunk = std::max<int64_t>(1, kChunk / group[i]) * group[i];
-    for (int64_t begin = 0; begin < numel[i]; begin += chunk) {
-      items.push_back({i, begin, std::min(numel[i], begin + chunk)});
-    }
-  }
-  return items;
 }
 
 template <typename F>
@@ -199,7 +147,7 @@ void accumulate_hessian_cpu(at::TensorList partial_sums, at::TensorList hzs, at:
   std::vector<uint32_t> key;
   std::vector<int64_t> numel;
   for (size_t i = 0; i < hzs.size(); ++i) {
-    check_like(hzs[i], hzs[i], hzs[i].scalar_type(), "hzs");
+    TORCH_CHECK(hzs[i].device().is_cpu(), "adahessian::accumulate_hessian_: hzs must be CPU tensors");
     check_like(partial_sums[i], hzs[i], at::toOpMathType(hzs[i].scalar_type()), "partial_sums");
     acc.push_back(views.write(partial_sums[i]));
     hz.push_back(views.read(hzs[i]));
@@ -306,60 +254,38 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     double beta1, double beta2, double eps, double weight_decay, double hessian_power,
                     int64_t n_samples, bool average_conv_kernel, const std::optional<Tensor>& grad_scale,
                     const std::optional<Tensor>& found_inf) {
+  check_step_arguments(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, partial_sums, keys, steps,
+                       n_samples);
   const size_t count = params.size();
   const bool hessian_step = !hzs.empty();
-  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_hessian_diag_sqs.size() == count &&
-                  steps.size() == count,
-              "adahessian::fused_step_: params, grads, exp_avgs, exp_hessian_diag_sqs and steps must have the "
-              "same length");
-  TORCH_CHECK(hessians.empty() || hessians.size() == count, "adahessian::fused_step_: hessians must be empty or "
-              "one per parameter");
-  TORCH_CHECK(hessian_step || hessians.size() == count,
-              "adahessian::fused_step_: a step without hzs reads D from hessians, which is empty");
-  TORCH_CHECK(!hessian_step || (hzs.size() == count && keys.size() == count),
-              "adahessian::fused_step_: a Hessian step needs one hz and one key per parameter");
-  TORCH_CHECK(hessian_step && n_samples > 1 ? partial_sums.size() == count : partial_sums.empty(),
-              "adahessian::fused_step_: partial_sums are one per parameter on Hessian steps with n_samples > 1, "
-              "else empty");
   if (found_inf.has_value() && found_inf->item<double>() != 0) return;  // GradScaler skips this step
 
   const double inv_scale = grad_scale.has_value() ? 1.0 / grad_scale->item<double>() : 1.0;
-  const Power power = hessian_power == 1.0 ? Power::kOne : hessian_power == 0.5 ? Power::kHalf : Power::kGeneral;
+  const Power power = power_of(hessian_power);
 
   ContiguousViews views;
   std::vector<StepTensor> tensors;
   std::vector<int64_t> numel, group;
   for (size_t i = 0; i < count; ++i) {
     const Tensor& p = params[i];
-    const at::ScalarType state = at::toOpMathType(p.scalar_type());
-    check_like(p, p, p.scalar_type(), "params");
-    check_like(grads[i], p, p.scalar_type(), "grads");
-    check_like(exp_avgs[i], p, state, "exp_avgs");
-    check_like(exp_hessian_diag_sqs[i], p, state, "exp_hessian_diag_sqs");
+    TORCH_CHECK(p.device().is_cpu(), "adahessian::fused_step_: params must be CPU tensors");
+    check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, partial_sums);
     StepTensor t;
     t.param = views.write(p);
     t.grad = views.read(grads[i]);
     t.exp_avg = views.write(exp_avgs[i]);
     t.exp_hessian_diag_sq = views.write(exp_hessian_diag_sqs[i]);
     if (!hessians.empty()) {
-      check_like(hessians[i], p, state, "hessians");
       t.hessian = hessian_step ? views.write(hessians[i]) : views.read(hessians[i]);
     }
     if (hessian_step) {
-      check_like(hzs[i], p, p.scalar_type(), "hzs");
       t.hz = views.read(hzs[i]);
       t.key = checked_key(keys[i]);
-      if (!partial_sums.empty()) {
-        check_like(partial_sums[i], p, state, "partial_sums");
-        t.partial_sum = views.read(partial_sums[i]);
-      }
+      if (!partial_sums.empty()) t.partial_sum = views.read(partial_sums[i]);
     }
-    t.average = average_conv_kernel && p.dim() == 4;
-    t.group = t.average ? std::max<int64_t>(1, p.size(2) * p.size(3)) : 1;
-    // The scalars exactly as the reference path forms them, in double.
-    const auto step = static_cast<double>(steps[i]);
-    t.coefficients = {1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, 1 - std::pow(beta2, step),
-                      -lr / (1 - std::pow(beta1, step)), eps, hessian_power / 2, inv_scale};
+    t.group = averaging_group(p, average_conv_kernel);
+    t.average = average_conv_kernel && p.dim() == 4;  // 1x1 kernels too: D becomes |D|
+    t.coefficients = step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power, inv_scale);
     numel.push_back(p.numel());
     group.push_back(t.group);
     tensors.push_back(std::move(t));

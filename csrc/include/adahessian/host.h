@@ -1,0 +1,145 @@
+// Host-side pieces shared by the CPU and CUDA kernels: argument checks, the split of
+// tensors into work items, contiguous staging of strided tensors, and the per-tensor
+// scalars of a step. Everything per element lives in math.h.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <adahessian/math.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <deque>
+#include <set>
+#include <utility>
+#include <vector>
+
+namespace adahessian {
+
+// Elements per work item (a CPU task, a CUDA block): large enough to amortise
+// scheduling, small enough to balance a few big tensors over the workers. A multiple of
+// every vector width, so vectorised code sees aligned work-item starts.
+constexpr int64_t kChunk = 1 << 16;
+
+struct WorkItem {
+  size_t tensor;
+  int64_t begin, end;
+};
+
+// Splits tensors of these sizes into work items of whole groups of `group[i]` elements
+// (conv-kernel averaging reduces over a group, so a group never straddles two items).
+inline std::vector<WorkItem> work_items(const std::vector<int64_t>& numel, const std::vector<int64_t>& group) {
+  std::vector<WorkItem> items;
+  for (size_t i = 0; i < numel.size(); ++i) {
+    const int64_t chunk = std::max<int64_t>(1, kChunk / group[i]) * group[i];
+    for (int64_t begin = 0; begin < numel[i]; begin += chunk) {
+      items.push_back({i, begin, std::min(numel[i], begin + chunk)});
+    }
+  }
+  return items;
+}
+
+inline uint32_t checked_key(int64_t key) {
+  TORCH_CHECK(key >= 0 && key <= 0xFFFFFFFFll, "adahessian: sampler keys are 32-bit unsigned, got ", key);
+  return static_cast<uint32_t>(key);
+}
+
+// The kernels index every tensor by logical row-major position (z depends on it, SPEC
+// section 4; conv-kernel averaging reduces contiguous kh*kw blocks). A non-contiguous
+// tensor (a channels-last conv weight, an expanded Hz) is processed as a contiguous
+// copy, kept alive until finish(), and mutated copies are written back there.
+class ContiguousViews {
+ public:
+  const at::Tensor& read(const at::Tensor& t) {
+    if (t.is_contiguous()) return t;
+    keep_.push_back(t.contiguous());
+    return keep_.back();
+  }
+  const at::Tensor& write(const at::Tensor& t) {
+    if (t.is_contiguous()) return t;
+    write_back_.emplace_back(t, t.contiguous());
+    return write_back_.back().second;
+  }
+  void finish() {
+    for (auto& [dst, src] : write_back_) dst.copy_(src);
+  }
+
+ private:
+  // std::vector would move its elements on growth and invalidate returned references.
+  std::deque<at::Tensor> keep_;
+  std::deque<std::pair<at::Tensor, at::Tensor>> write_back_;
+};
+
+inline void check_like(const at::Tensor& t, const at::Tensor& param, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(t.device() == param.device(), "adahessian: ", what, " is on ", t.device(), ", its parameter on ",
+              param.device());
+  TORCH_CHECK(t.sizes() == param.sizes(), "adahessian: ", what, " has shape ", t.sizes(), ", its parameter ",
+              param.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "adahessian: ", what, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+// The distinct dtypes of a list, in a fixed order: kernels dispatch once per dtype.
+inline std::vector<at::ScalarType> dtypes_of(at::TensorList tensors) {
+  std::set<at::ScalarType> seen;
+  for (const auto& t : tensors) seen.insert(t.scalar_type());
+  return {seen.begin(), seen.end()};
+}
+
+inline Power power_of(double hessian_power) {
+  return hessian_power == 1.0 ? Power::kOne : hessian_power == 0.5 ? Power::kHalf : Power::kGeneral;
+}
+
+// Elements that share one averaged curvature value: a 4-D parameter's kh*kw block.
+inline int64_t averaging_group(const at::Tensor& param, bool average_conv_kernel) {
+  return average_conv_kernel && param.dim() == 4 ? std::max<int64_t>(1, param.size(2) * param.size(3)) : 1;
+}
+
+// The scalars of one tensor's update exactly as the reference path forms them, in
+// double (the kernels round them to their arithmetic type).
+inline StepCoefficients<double> step_coefficients(int64_t step, double lr, double beta1, double beta2, double eps,
+                                                  double weight_decay, double hessian_power, double inv_scale) {
+  const auto s = static_cast<double>(step);
+  return {1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, 1 - std::pow(beta2, s),
+          -lr / (1 - std::pow(beta1, s)), eps, hessian_power / 2, inv_scale};
+}
+
+// The list lengths fused_step_ requires.
+inline void check_step_arguments(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                 at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
+                                 at::TensorList partial_sums, at::IntArrayRef keys, at::IntArrayRef steps,
+                                 int64_t n_samples) {
+  const size_t count = params.size();
+  const bool hessian_step = !hzs.empty();
+  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_hessian_diag_sqs.size() == count &&
+                  steps.size() == count,
+              "adahessian::fused_step_: params, grads, exp_avgs, exp_hessian_diag_sqs and steps must have the "
+              "same length");
+  TORCH_CHECK(hessians.empty() || hessians.size() == count,
+              "adahessian::fused_step_: hessians must be empty or one per parameter");
+  TORCH_CHECK(hessian_step || hessians.size() == count,
+              "adahessian::fused_step_: a step without hzs reads D from hessians, which is empty");
+  TORCH_CHECK(!hessian_step || (hzs.size() == count && keys.size() == count),
+              "adahessian::fused_step_: a Hessian step needs one hz and one key per parameter");
+  TORCH_CHECK(hessian_step && n_samples > 1 ? partial_sums.size() == count : partial_sums.empty(),
+              "adahessian::fused_step_: partial_sums are one per parameter on Hessian steps with n_samples > 1, "
+              "else empty");
+}
+
+// Device, shape and dtype of parameter i's tensors.
+inline void check_step_tensors(size_t i, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                               at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
+                               at::TensorList partial_sums) {
+  const at::Tensor& p = params[i];
+  const at::ScalarType state = at::toOpMathType(p.scalar_type());
+  check_like(grads[i], p, p.scalar_type(), "grads");
+  check_like(exp_avgs[i], p, state, "exp_avgs");
+  check_like(exp_hessian_diag_sqs[i], p, state, "exp_hessian_diag_sqs");
+  if (!hessians.empty()) check_like(hessians[i], p, state, "hessians");
+  if (!hzs.empty()) check_like(hzs[i], p, p.scalar_type(), "hzs");
+  if (!partial_sums.empty()) check_like(partial_sums[i], p, state, "partial_sums");
+}
+
+}  // namespace adahessian
