@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.adahessian-installed
 BENCH_ARGS ?=
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench cuda-build gpu-check clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,32 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# Compile the CUDA kernels without a GPU (CI runs this): a second venv with a CUDA build
+# of torch, cached outside the clone and keyed by the torch version, then the bare
+# `FORCE_CUDA=1 pip install --no-build-isolation --no-deps -e .` in a copy of the
+# tracked sources (an in-place build would overwrite the CPU venv's extensions), then an
+# import that proves every op has a CUDA kernel.
+CUDA_TORCH ?= torch==2.14.1
+CUDA_CACHE ?= $(HOME)/.cache/adahessian
+CUDA_VENV := $(CUDA_CACHE)/venv-$(subst ==,-,$(CUDA_TORCH))
+CUDA_SRC := $(CUDA_CACHE)/src-$(subst ==,-,$(CUDA_TORCH))
+
+cuda-build:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install --quiet "$(CUDA_TORCH)" ninja "setuptools>=64" wheel
+	rm -rf $(CUDA_SRC)/adahessian $(CUDA_SRC)/csrc && mkdir -p $(CUDA_SRC)
+	git ls-files --cached --others --exclude-standard -z | tar --null --ignore-failed-read -cf - -T - | tar -xf - -C $(CUDA_SRC)
+	cd $(CUDA_SRC) && FORCE_CUDA=1 $(CUDA_VENV)/bin/python -m pip install --quiet --no-build-isolation --no-deps -e .
+	cd $(CUDA_SRC) && $(CUDA_VENV)/bin/python -c "from adahessian import _ops; \
+	assert _ops._has_kernels('CUDA') and _ops._has_kernels('CPU'), 'CUDA kernels not registered'; \
+	print('every adahessian op has a CUDA kernel:', ', '.join(_ops.OPS))"
+
+# On a machine with a GPU and torch preinstalled (no network): build in place, run the
+# CUDA tests and the GPU benchmark, write OUT/results.json and OUT/table.md.
+OUT ?= gpu-check-out
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out $(OUT)
 
 clean:
 	rm -rf build *.egg-info adahessian/*.so

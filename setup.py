@@ -1,19 +1,26 @@
 """Build script: the Python package and its compiled kernels
 (``pip install --no-build-isolation -e .`` builds them against the installed torch):
 ``adahessian._C`` registers the operator schemas, ``adahessian._C_cpu_<capability>``
-the CPU kernels, once per instruction set (adahessian/_build.py)."""
+the CPU kernels, once per instruction set (adahessian/_build.py), and
+``adahessian._C_cuda`` the CUDA kernels where torch is a CUDA build and nvcc is found."""
 
 import importlib.util
 import os
 from pathlib import Path
 
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("_adahessian_build", ROOT / "adahessian" / "_build.py")
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
+
+# torch.utils.cpp_extension fixes CUDA_HOME when imported: find the real toolkit first.
+if (cuda_home := build.find_cuda_home()) is not None:
+    os.environ.setdefault("CUDA_HOME", cuda_home)
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 common = dict(include_dirs=build.include_dirs(), extra_link_args=build.LD_FLAGS)
 extensions = [
@@ -28,7 +35,18 @@ for capability in build.capabilities():
             **common,
         )
     )
-# CUDA kernels (csrc/cuda) will add a CUDAExtension here.
+# The CUDA kernels: with a CUDA build of torch and nvcc, on a machine with a GPU, or
+# anywhere with FORCE_CUDA=1 (the torchvision convention: compile without a GPU).
+if torch.version.cuda and CUDA_HOME and (torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1"):
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build.DEFAULT_CUDA_ARCHS)
+    extensions.append(
+        CUDAExtension(
+            f"adahessian.{build.CUDA_MODULE}",
+            build.cuda_sources(relative_to=ROOT),
+            include_dirs=build.include_dirs() + build.nvidia_wheel_includes(),
+            extra_compile_args={"cxx": ["-O3"], "nvcc": build.NVCC_FLAGS},
+        )
+    )
 
 
 class Build(BuildExtension):

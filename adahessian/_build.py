@@ -4,7 +4,12 @@ Imports nothing from the package, so ``setup.py`` loads it by path before instal
 
 from __future__ import annotations
 
+import os
 import platform
+import re
+import shutil
+import subprocess
+import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,3 +65,50 @@ def include_dirs() -> list[str]:
 
 def _paths(files: list[Path], relative_to: Path | None) -> list[str]:
     return [str(f.relative_to(relative_to) if relative_to else f) for f in files]
+
+
+# ------------------------------------------------------------------------------ CUDA
+
+CUDA_MODULE = "_C_cuda"
+# Beyond torch's own nvcc flags (half/bfloat16 operators off, relaxed constexpr); no
+# --use_fast_math: its approximate division and pow would break agreement with the CPU.
+NVCC_FLAGS = ["-O3"]
+# Ampere and Hopper, plus PTX that newer GPUs JIT-compile.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def cuda_sources(relative_to: Path | None = None) -> list[str]:
+    return _paths(sorted((CSRC / "cuda").glob("*.cu")), relative_to)
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit's root. torch guesses it from the folder above ``nvcc``, which is
+    wrong where ``nvcc`` on PATH is a wrapper script (then linking fails with "cannot
+    find -lcudart"); ``nvcc --dryrun`` prints the real one (``TOP=``)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        dryrun = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        dryrun = None
+    for line in (dryrun.stderr + dryrun.stdout).splitlines() if dryrun else []:
+        if (m := re.match(r"#\$ TOP=(.*)", line.strip())) and (Path(m[1]) / "include" / "cuda_runtime.h").exists():
+            return str(Path(m[1]).resolve())
+    for candidate in (Path(nvcc).resolve().parent.parent, Path("/usr/local/cuda")):
+        if (candidate / "include" / "cuda_runtime.h").exists():
+            return str(candidate)
+    return None
+
+
+def nvidia_wheel_includes() -> list[str]:
+    """Headers that torch's CUDA headers include (cusparse.h, cublas_v2.h, ...) but a
+    minimal toolkit may lack: the NVIDIA wheels a CUDA build of torch installs have them."""
+    folders = []
+    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        folders += sorted(str(p) for p in Path(site).glob("nvidia/*/include") if p.is_dir())
+        folders += sorted(str(p) for p in Path(site).glob("nvidia/cu*/include") if p.is_dir())
+    return list(dict.fromkeys(folders))

@@ -1,12 +1,13 @@
 """Loads the compiled kernels behind ``torch.ops.adahessian`` (schemas: csrc/ops.cpp).
 
-Two libraries: the schemas (``adahessian._C``) and the CPU kernels built for the
-instruction set torch runs with (``adahessian._C_cpu_<capability>``, see _build.py).
-The built extensions (``pip install --no-build-isolation -e .``) come first; without
-them (a source checkout, a dev loop) ``torch.utils.cpp_extension.load`` JIT-builds the
-same sources into torch's extension cache. ``ADAHESSIAN_JIT=1`` skips the built
-extensions. Nothing loads at ``import adahessian``: the first use of the fused backend
-does, once per process.
+The libraries: the schemas (``adahessian._C``), the CPU kernels built for the
+instruction set torch runs with (``adahessian._C_cpu_<capability>``, see _build.py) and,
+where they were built, the CUDA kernels (``adahessian._C_cuda``). Built extensions
+(``pip install --no-build-isolation -e .``) load eagerly at ``import adahessian`` (a
+few dlopen calls: the kernels are registered right after import) and never make the
+import fail. Kernels still missing for a device type are JIT-built from the same sources
+with ``torch.utils.cpp_extension.load`` at the first fused use on that device type.
+``ADAHESSIAN_JIT=1`` skips the built extensions.
 """
 
 from __future__ import annotations
@@ -20,69 +21,118 @@ from . import _build
 
 JIT_ENV = "ADAHESSIAN_JIT"
 OPS = ("rademacher_", "accumulate_hessian_", "fused_step_")
+DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
-_error: str | None = None
-_attempted = False
+_built_error: str | None = None  # why the built extensions did not load, if they did not
+_jit_errors: dict[str, str | None] = {}  # per device type: why the JIT build failed, if it did
+_fakes_registered = False
 
 
-def load_error() -> str | None:
-    """None when the ops are registered, else why they are not (tried once per process)."""
-    global _error, _attempted
-    if not _attempted:
-        _attempted = True
-        _error = _load()
-        if _error is None:
+def load_built() -> None:
+    """Load the built extensions that exist (called once, at import)."""
+    global _built_error
+    if os.environ.get(JIT_ENV) == "1":
+        _built_error = f"{JIT_ENV}=1 skips the built extensions"
+        return
+    capability = _build.capability_for(torch.backends.cpu.get_cpu_capability())
+    modules = [_build.kernel_module(capability), _build.CUDA_MODULE]
+    specs = [s for s in (importlib.util.find_spec(f"{__package__}.{m}") for m in modules) if s is not None]
+    if importlib.util.find_spec(f"{__package__}._C") is None or not specs:
+        _built_error = f"the extension adahessian.{_build.kernel_module(capability)} is not built"
+        return
+    try:
+        from . import _C  # noqa: F401  (loading the library registers the schemas)
+
+        for spec in specs:
+            torch.ops.load_library(spec.origin)
+    except Exception as err:  # a stale or foreign build: fall back, never fail the import
+        _built_error = f"the built extensions do not load ({type(err).__name__}: {err})"
+        return
+    _register_fakes()
+
+
+def load_error(device_type: str = "cpu") -> str | None:
+    """None when the kernels run on this device type, else why not (a missing kernel is
+    JIT-built once per process and device type)."""
+    key = DISPATCH_KEYS.get(device_type)
+    if key is None:
+        return f"no AdaHessian kernels exist for device type {device_type!r}"
+    if _has_kernels(key):
+        return None
+    if device_type not in _jit_errors:
+        _jit_errors[device_type] = _jit_build(device_type)
+        if _jit_errors[device_type] is None:
             _register_fakes()
-    return _error
+    reasons = [r for r in (_built_error, _jit_errors[device_type]) if r]
+    return "; ".join(reasons) if reasons else None
 
 
-def ops():
+def ops(device_type: str = "cpu"):
     """``torch.ops.adahessian``, loaded; RuntimeError when the kernels are unavailable."""
-    error = load_error()
+    error = load_error(device_type)
     if error is not None:
         raise RuntimeError(f"the fused AdaHessian kernels are not available: {error}")
     return torch.ops.adahessian
 
 
-def _load() -> str | None:
-    capability = _build.capability_for(torch.backends.cpu.get_cpu_capability())
-    reasons = []
-    if os.environ.get(JIT_ENV) == "1":
-        reasons.append(f"{JIT_ENV}=1 skips the built extensions")
-    elif (kernels := importlib.util.find_spec(f"{__package__}.{_build.kernel_module(capability)}")) is None:
-        reasons.append(f"the extension adahessian.{_build.kernel_module(capability)} is not built")
-    else:
-        try:
-            from . import _C  # noqa: F401  (loading the library registers the schemas)
+def _has_kernels(dispatch_key: str) -> bool:
+    try:
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"adahessian::{op}", dispatch_key) for op in OPS)
+    except RuntimeError:  # the schemas are not registered yet
+        return False
 
-            torch.ops.load_library(kernels.origin)
-            return None
-        except (ImportError, OSError) as err:
-            reasons.append(f"the built extensions do not load ({err})")
+
+def _jit_build(device_type: str) -> str | None:
     if not _build.CSRC.is_dir():
-        return "; ".join([*reasons, f"no sources to JIT-build from ({_build.CSRC} is missing)"])
+        return f"no sources to JIT-build from ({_build.CSRC} is missing)"
+    if device_type == "cuda" and (cuda_home := _build.find_cuda_home()):
+        os.environ.setdefault("CUDA_HOME", cuda_home)  # before cpp_extension reads it
     try:
         from torch.utils import cpp_extension
 
-        common = dict(
-            extra_include_paths=_build.include_dirs(), extra_ldflags=_build.LD_FLAGS, is_python_module=False
-        )
-        cpp_extension.load(name="adahessian_C", sources=_build.schema_sources(), extra_cflags=_build.CXX_FLAGS, **common)
-        cpp_extension.load(
-            name=f"adahessian{_build.kernel_module(capability)}",
-            sources=_build.kernel_sources(),
-            extra_cflags=_build.CXX_FLAGS + _build.CAPABILITY_FLAGS[capability],
-            **common,
-        )
+        common = dict(extra_include_paths=_build.include_dirs(), extra_ldflags=_build.LD_FLAGS, is_python_module=False)
+        if not _has_schemas():
+            cpp_extension.load(
+                name="adahessian_C", sources=_build.schema_sources(), extra_cflags=_build.CXX_FLAGS, **common
+            )
+        if device_type == "cpu":
+            capability = _build.capability_for(torch.backends.cpu.get_cpu_capability())
+            cpp_extension.load(
+                name=f"adahessian{_build.kernel_module(capability)}",
+                sources=_build.kernel_sources(),
+                extra_cflags=_build.CXX_FLAGS + _build.CAPABILITY_FLAGS[capability],
+                **common,
+            )
+        else:
+            if not torch.version.cuda or cpp_extension.CUDA_HOME is None:
+                return "the JIT build of the CUDA kernels needs a CUDA build of torch and the CUDA toolkit (nvcc)"
+            cpp_extension.load(
+                name=f"adahessian{_build.CUDA_MODULE}",
+                sources=_build.cuda_sources(),
+                extra_cuda_cflags=_build.NVCC_FLAGS,
+                **dict(common, extra_include_paths=_build.include_dirs() + _build.nvidia_wheel_includes()),
+            )
     except Exception as err:  # no compiler, no ninja, a compile error: all mean "unavailable"
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        return "; ".join([*reasons, f"the JIT build failed ({type(err).__name__}: {first_line})"])
+        return f"the JIT build failed ({type(err).__name__}: {first_line})"
     return None
+
+
+def _has_schemas() -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw("adahessian::fused_step_", "")
+        return True
+    except RuntimeError:
+        return False
 
 
 def _register_fakes() -> None:
     # Every op mutates its arguments in place and returns nothing, so the fake (meta)
     # implementation that torch.compile traces through has nothing to compute.
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
     for name in OPS:
         torch.library.register_fake(f"adahessian::{name}")(_returns_nothing)
 

@@ -11,10 +11,8 @@ from . import _ops
 
 def fused_unavailable_reason(device: torch.device) -> str | None:
     """None when the compiled kernels can run on ``device``, else why not (the first
-    call for a CPU device loads them, JIT-building them if need be)."""
-    if device.type != "cpu":
-        return f"the compiled AdaHessian kernels run on the CPU only so far (device {device.type})"
-    return _ops.load_error()
+    call for a device type without built kernels JIT-builds them)."""
+    return _ops.load_error(device.type)
 
 
 def resolve(requested: str, device: torch.device) -> str:

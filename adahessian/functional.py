@@ -28,7 +28,7 @@ def sample_rademacher(like: list[Tensor], keys: list[int], *, backend: str) -> l
         return [sampler.rademacher(t.shape, k, dtype=t.dtype, device=t.device) for t, k in zip(like, keys)]
     if backend == "fused":
         out = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in like]
-        _ops.ops().rademacher_(out, keys)
+        _kernels(out).rademacher_(out, keys)
         return out
     raise _unknown(backend)
 
@@ -45,7 +45,7 @@ def accumulate_hessian_(
     if backend == "fused":
         if keys is None:
             raise ValueError("accumulate_hessian_(backend='fused') regenerates z from the sampler keys: pass keys=")
-        _ops.ops().accumulate_hessian_(acc, hzs, keys)
+        _kernels(acc).accumulate_hessian_(acc, hzs, keys)
         return
     raise _unknown(backend)
 
@@ -179,10 +179,15 @@ def _fused(
                 hzs=pick(hzs), keys=pick(keys), partial_sums=pick(partial_sums), **scalars,
             )
         return
-    _ops.ops().fused_step_(
+    _kernels(params).fused_step_(
         params, grads, exp_avgs, exp_hessian_diag_sqs, hessians if all(kept) else [],
         hzs=hzs or [], partial_sums=partial_sums or [], keys=keys or [], steps=state_steps, **scalars,
     )
+
+
+def _kernels(tensors: list[Tensor]):
+    """torch.ops.adahessian, loaded for the device type of ``tensors``."""
+    return _ops.ops(tensors[0].device.type if tensors else "cpu")
 
 
 def _unknown(backend: str) -> ValueError:
