@@ -8,7 +8,7 @@ from adahessian import AdaHessian
 from oracle import Separable, oracle_trajectory
 
 STEPS = 12
-SHAPES = [(5, 3), (7,), (4, 2, 3, 3)]
+SHAPES = [(5, 3), (7,), (4, 2, 3, 3), (3, 2, 1, 1)]  # a 1x1 conv: averaging takes |D|
 DEFAULT = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, hessian_power=1.0)
 
 
@@ -79,11 +79,12 @@ def test_param_groups_with_their_own_hyperparameters(backend):
         dict(lr=0.05, weight_decay=0.1),
         dict(lr=0.2, betas=(0.5, 0.9), hessian_power=0.5),
         dict(eps=1e-3),
+        dict(lr=0.01, weight_decay=0.2, hessian_power=0.3),
     ]
     got, opt = run(problem, STEPS, groups=groups, backend=backend)
     want = oracle_trajectory(problem, [dict(DEFAULT, **g) for g in groups], STEPS)
     assert_trajectories_close(got, want)
-    assert [g["lr"] for g in opt.param_groups] == [0.05, 0.2, 0.1]
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 0.2, 0.1, 0.01]
 
 
 @pytest.mark.parametrize("closure,due_backward", [(True, False), (False, True), (True, True)])
