@@ -26,6 +26,7 @@ DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _built_error: str | None = None  # why the built extensions did not load, if they did not
 _jit_errors: dict[str, str | None] = {}  # per device type: why the JIT build failed, if it did
 _fakes_registered = False
+_ready: set[str] = set()  # device types whose kernels are registered (a per-step lookup)
 
 
 def load_built() -> None:
@@ -54,15 +55,18 @@ def load_built() -> None:
 def load_error(device_type: str = "cpu") -> str | None:
     """None when the kernels run on this device type, else why not (a missing kernel is
     JIT-built once per process and device type)."""
+    if device_type in _ready:
+        return None
     key = DISPATCH_KEYS.get(device_type)
     if key is None:
         return f"no AdaHessian kernels exist for device type {device_type!r}"
-    if _has_kernels(key):
-        return None
-    if device_type not in _jit_errors:
+    if device_type not in _jit_errors and not _has_kernels(key):
         _jit_errors[device_type] = _jit_build(device_type)
         if _jit_errors[device_type] is None:
             _register_fakes()
+    if _has_kernels(key):
+        _ready.add(device_type)
+        return None
     reasons = [r for r in (_built_error, _jit_errors[device_type]) if r]
     return "; ".join(reasons) if reasons else None
 

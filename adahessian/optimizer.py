@@ -224,7 +224,10 @@ class AdaHessian(Optimizer):
             elif estimate is None and "hessian" not in state:
                 continue
             state["step"] += 1
-            lists = buckets.setdefault((g, self._backend_for(p.device)), _empty_lists())
+            key = (g, self._backend_cache.get(p.device) or self._backend_for(p.device))
+            lists = buckets.get(key)
+            if lists is None:  # not setdefault: that would build the lists for every parameter
+                lists = buckets[key] = _empty_lists()
             lists["params"].append(p)
             lists["grads"].append(grads[n])
             lists["exp_avgs"].append(state["exp_avg"])
