@@ -295,11 +295,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   parallel_over(items, [&](const WorkItem& w) {
     const StepTensor& t = tensors[w.tensor];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.param.scalar_type(), "fused_step_", [&] {
-      switch (power) {
-        case Power::kOne: return step_chunk<scalar_t, Power::kOne>(t, n_samples, w.begin, w.end);
-        case Power::kHalf: return step_chunk<scalar_t, Power::kHalf>(t, n_samples, w.begin, w.end);
-        case Power::kGeneral: return step_chunk<scalar_t, Power::kGeneral>(t, n_samples, w.begin, w.end);
-      }
+      dispatch_power(power, [&](auto p) { step_chunk<scalar_t, decltype(p)::value>(t, n_samples, w.begin, w.end); });
     });
   });
   views.finish();

@@ -366,17 +366,10 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
       const DeviceTable<StepMeta<scalar_t>> table(metas, chunks, params[0].device());
       const StepScalars<opmath_t> scalars{static_cast<opmath_t>(n_samples), scale};
       const auto stream = c10::cuda::getCurrentCUDAStream();
-      switch (power) {
-        case Power::kOne:
-          fused_step_kernel<Power::kOne><<<table.num_chunks, kThreads, 0, stream>>>(table.metas, table.chunks, scalars, inf);
-          break;
-        case Power::kHalf:
-          fused_step_kernel<Power::kHalf><<<table.num_chunks, kThreads, 0, stream>>>(table.metas, table.chunks, scalars, inf);
-          break;
-        case Power::kGeneral:
-          fused_step_kernel<Power::kGeneral><<<table.num_chunks, kThreads, 0, stream>>>(table.metas, table.chunks, scalars, inf);
-          break;
-      }
+      dispatch_power(power, [&](auto p) {
+        fused_step_kernel<decltype(p)::value>
+            <<<table.num_chunks, kThreads, 0, stream>>>(table.metas, table.chunks, scalars, inf);
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

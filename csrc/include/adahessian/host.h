@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <deque>
 #include <set>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -90,6 +91,17 @@ inline std::vector<at::ScalarType> dtypes_of(at::TensorList tensors) {
 
 inline Power power_of(double hessian_power) {
   return hessian_power == 1.0 ? Power::kOne : hessian_power == 0.5 ? Power::kHalf : Power::kGeneral;
+}
+
+// Calls f(std::integral_constant<Power, power>{}): the kernels take the power as a
+// template argument, so each fast path compiles to its own loop.
+template <typename F>
+void dispatch_power(Power power, const F& f) {
+  switch (power) {
+    case Power::kOne: return f(std::integral_constant<Power, Power::kOne>{});
+    case Power::kHalf: return f(std::integral_constant<Power, Power::kHalf>{});
+    case Power::kGeneral: return f(std::integral_constant<Power, Power::kGeneral>{});
+  }
 }
 
 // Elements that share one averaged curvature value: a 4-D parameter's kh*kw block.
