@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import SmallResNet  # noqa: E402
+from bench import CifarResNet  # noqa: E402
 
 import adahessian.distributed  # noqa: E402
 from adahessian import AdaHessian  # noqa: E402
@@ -49,7 +49,7 @@ def rank_main(rank, args, init_file, out_file):
     rows = []
     for update_each in args.update_each:
         torch.manual_seed(0)
-        model = SmallResNet(width=args.width)
+        model = CifarResNet()
         opt = AdaHessian(model.parameters(), lr=0.05, update_each=update_each, process_group="world")
         n_params = sum(p.numel() for p in model.parameters())
         iters, steps, comms = [], [], []
@@ -80,7 +80,6 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="timed iterations per setting")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32, help="samples per rank")
-    parser.add_argument("--width", type=int, default=32, help="channels of the ResNet-style CNN")
     parser.add_argument("--update-each", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args(argv)
@@ -96,7 +95,7 @@ def main(argv=None):
         if any(p.exitcode for p in procs):
             raise SystemExit(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
         rows = json.loads(Path(out_file).read_text())
-    print(f"\n{args.nprocs} ranks (gloo, loopback), ResNet-style CNN, {args.batch} samples per rank")
+    print(f"\n{args.nprocs} ranks (gloo, loopback), ResNet-8 (CIFAR layout, bench.py's CNN), {args.batch} samples per rank")
     print(f"{'update_each':>11} {'iter ms':>8} {'step ms':>8} {'comm ms':>8} {'comm/step':>9} {'comm/iter':>9}")
     for r in rows:
         print(f"{r['update_each']:>11} {r['iteration_ms']:>8.1f} {r['step_ms']:>8.1f} {r['comm_ms']:>8.1f} "
