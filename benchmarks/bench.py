@@ -56,8 +56,8 @@ from tqdm import tqdm
 
 from adahessian import AdaHessian, backends, math_attention
 
-MEASUREMENTS = ("update", "step", "iteration", "iteration-ue10")
 UPDATE_EACH = 10
+MEASUREMENTS = ("update", "step", "iteration", f"iteration-ue{UPDATE_EACH}")
 ADAM = "adam"
 REFERENCE = "adahessian-reference"
 
@@ -498,7 +498,10 @@ def summarize(samples, runs) -> list[dict]:
 
 
 def _fmt(value, spec):
-    return "-" if value is None else format(value, spec)
+    if value is None:
+        return "-"
+    text = format(value, spec)
+    return text.replace("-", "+") if float(text) == 0 else text  # a growth of -0.01 MiB is +0.0
 
 
 def print_table(rows):
@@ -529,6 +532,34 @@ def write_csv(rows, path: Path):
         writer.writerows(rows)
 
 
+def markdown(rows) -> str:
+    """The same numbers pivoted for a README: a line per (workload, measurement), a column
+    per implementation; then the memory of the iteration lines."""
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    groups: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["workload"], r["measurement"]), {})[r["impl"]] = r
+
+    def table(cell, measurements=MEASUREMENTS):
+        lines = ["| workload | measurement | " + " | ".join(impls) + " |", "| :-- | :-- |" + " --: |" * len(impls)]
+        for (w, m), cells in groups.items():
+            if m in measurements:
+                lines.append(f"| {w} | {m} | " + " | ".join(cell(cells[i]) if i in cells else "" for i in impls) + " |")
+        return "\n".join(lines)
+
+    def timing(r):
+        return f"{r['median_ms']:.2f} ms" + ("" if r["impl"] == ADAM else f" ({r['vs_adam']:.2f}x)")
+
+    def memory(r):
+        return "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f} ({_fmt(r['growth_mib'], '+.1f')})"
+
+    return (
+        "Median ms per call (ratio to Adam):\n\n" + table(timing) + "\n\nPeak MiB an iteration adds above what is "
+        "held between iterations (growth over the last warm-up block):\n\n"
+        + table(memory, MEASUREMENTS[2:]) + "\n"
+    )
+
+
 def plot(rows, path: Path, title: str):
     import matplotlib
 
@@ -542,7 +573,7 @@ def plot(rows, path: Path, title: str):
         if not group:
             ax.axis("off")
             continue
-        if measurement == "iteration-ue10":  # show the Adam iteration its ratios are against
+        if measurement == MEASUREMENTS[3]:  # show the Adam iteration its ratios are against
             group = [r for r in rows if (r["workload"], r["measurement"], r["impl"]) == (w, "iteration", ADAM)] + group
         y = range(len(group))
         medians = [r["median_ms"] for r in group]
@@ -568,7 +599,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=None,
                         help="iterations per block of an update_each=1 run (update_each=10 runs and Adam: 10)")
-    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for results.json/.csv/.png")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for results.json/.csv/.md/.png")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and counts: a smoke run")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -610,9 +641,10 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
     write_csv(rows, args.out / "results.csv")
+    (args.out / "results.md").write_text(markdown(rows))
     plot(rows, args.out / "results.png", f"AdaHessian vs Adam: {result['device']} ({result['cpu']}), torch threads: {result['threads']}, torch {result['torch']}")
     print(f"\nload average {load_before[0]:.2f} -> {result['load_average_after'][0]:.2f}; "
-          f"{result['seconds']:.0f} s; wrote {args.out}/results.{{json,csv,png}}")
+          f"{result['seconds']:.0f} s; wrote {args.out}/results.{{json,csv,md,png}}")
     return result
 
 

@@ -61,6 +61,7 @@ def test_quick_run_writes_json_csv_png(bench, tmp_path, restore_threads):
 
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("workload,measurement,impl,median_ms") and len(csv_lines) == len(result["rows"]) + 1
+    assert "| cnn | iteration-ue10 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
