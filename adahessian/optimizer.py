@@ -268,7 +268,9 @@ class AdaHessian(Optimizer):
         self._warn_no_graph(
             [(idx, p) for (_, idx, p), grad in zip(entries, grads) if grad is not None and not hutchinson.has_graph(grad)]
         )
-        backends_ = [self._backend_for(p.device) for p in params]
+        by_backend: dict[str, list[int]] = {}
+        for n, p in enumerate(params):
+            by_backend.setdefault(self._backend_for(p.device), []).append(n)
 
         partial_sums = None
         if self.n_samples > 1:
@@ -276,12 +278,11 @@ class AdaHessian(Optimizer):
         for s in range(self.n_samples):
             keys = [sampler.rademacher_key(self.seed, idx, self._rademacher_counter + s) for _, idx, _ in entries]
             zs: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
-            for backend in set(backends_):
-                ns = [n for n, b in enumerate(backends_) if b == backend]
+            for backend, ns in by_backend.items():
                 sampled = functional.sample_rademacher([params[n] for n in ns], [keys[n] for n in ns], backend=backend)
                 for n, z in zip(ns, sampled):
                     zs[n] = z
-            hzs = [torch.zeros_like(p) for p in params]
+            hzs: list[Tensor | None] = [None] * len(params)
             if graph:
                 graph_hzs = hutchinson.hessian_vector_products(
                     [grads[n] for n in graph], [params[n] for n in graph], [zs[n] for n in graph],
@@ -289,9 +290,10 @@ class AdaHessian(Optimizer):
                 )
                 for n, hz in zip(graph, graph_hzs):
                     hzs[n] = hz
+            # Gradients without a graph (or no gradient on this rank): zero Hessian rows.
+            hzs = [torch.zeros_like(p) if hz is None else hz for hz, p in zip(hzs, params)]
             if s < self.n_samples - 1:
-                for backend in set(backends_):
-                    ns = [n for n, b in enumerate(backends_) if b == backend]
+                for backend, ns in by_backend.items():
                     functional.accumulate_hessian_(
                         [partial_sums[n] for n in ns], [zs[n] for n in ns], [hzs[n] for n in ns],
                         keys=[keys[n] for n in ns], backend=backend,
