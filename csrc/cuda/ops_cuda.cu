@@ -85,6 +85,18 @@ std::vector<Chunk> chunks_of(const std::vector<WorkItem>& items) {
   return chunks;
 }
 
+// Splits the tensors into chunks of whole groups, uploads the table and calls
+// launch(table, stream) to start one block per chunk on the current stream.
+template <typename Meta, typename Launch>
+void launch_over_chunks(const std::vector<Meta>& metas, const std::vector<int64_t>& numel,
+                        const std::vector<int64_t>& group, const at::Device& device, const Launch& launch) {
+  const auto chunks = chunks_of(work_items(numel, group));
+  if (chunks.empty()) return;
+  const DeviceTable<Meta> table(metas, chunks, device);
+  launch(table, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 void check_cuda(const Tensor& t, const char* what) {
@@ -124,12 +136,10 @@ void rademacher_cuda(at::TensorList out, at::IntArrayRef keys) {
         metas.push_back({views.write(out[i]).data_ptr<scalar_t>(), checked_key(keys[i])});
         numel.push_back(out[i].numel());
       }
-      const auto chunks = chunks_of(work_items(numel, std::vector<int64_t>(numel.size(), 1)));
-      if (chunks.empty()) return;
-      const DeviceTable<FillMeta<scalar_t>> table(metas, chunks, out[0].device());
-      rademacher_kernel<scalar_t><<<table.num_chunks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          table.metas, table.chunks);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_over_chunks(metas, numel, std::vector<int64_t>(numel.size(), 1), out[0].device(),
+                         [](const auto& table, cudaStream_t stream) {
+                           rademacher_kernel<<<table.num_chunks, kThreads, 0, stream>>>(table.metas, table.chunks);
+                         });
     });
   }
   views.finish();
@@ -173,12 +183,10 @@ void accumulate_hessian_cuda(at::TensorList partial_sums, at::TensorList hzs, at
                          views.read(hzs[i]).const_data_ptr<scalar_t>(), checked_key(keys[i])});
         numel.push_back(hzs[i].numel());
       }
-      const auto chunks = chunks_of(work_items(numel, std::vector<int64_t>(numel.size(), 1)));
-      if (chunks.empty()) return;
-      const DeviceTable<AccumulateMeta<scalar_t>> table(metas, chunks, hzs[0].device());
-      accumulate_kernel<scalar_t><<<table.num_chunks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          table.metas, table.chunks);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_over_chunks(metas, numel, std::vector<int64_t>(numel.size(), 1), hzs[0].device(),
+                         [](const auto& table, cudaStream_t stream) {
+                           accumulate_kernel<<<table.num_chunks, kThreads, 0, stream>>>(table.metas, table.chunks);
+                         });
     });
   }
   views.finish();
@@ -361,16 +369,13 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
         numel.push_back(p.numel());
         group.push_back(t.group);
       }
-      const auto chunks = chunks_of(work_items(numel, group));
-      if (chunks.empty()) return;
-      const DeviceTable<StepMeta<scalar_t>> table(metas, chunks, params[0].device());
       const StepScalars<opmath_t> scalars{static_cast<opmath_t>(n_samples), scale};
-      const auto stream = c10::cuda::getCurrentCUDAStream();
-      dispatch_power(power, [&](auto p) {
-        fused_step_kernel<decltype(p)::value>
-            <<<table.num_chunks, kThreads, 0, stream>>>(table.metas, table.chunks, scalars, inf);
+      launch_over_chunks(metas, numel, group, params[0].device(), [&](const auto& table, cudaStream_t stream) {
+        dispatch_power(power, [&](auto p) {
+          fused_step_kernel<decltype(p)::value>
+              <<<table.num_chunks, kThreads, 0, stream>>>(table.metas, table.chunks, scalars, inf);
+        });
       });
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   views.finish();
