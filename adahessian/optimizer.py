@@ -224,7 +224,7 @@ class AdaHessian(Optimizer):
             elif estimate is None and "hessian" not in state:
                 continue
             state["step"] += 1
-            key = (g, self._backend_cache.get(p.device) or self._backend_for(p.device))
+            key = (g, self._backend_for(p.device))
             lists = buckets.get(key)
             if lists is None:  # not setdefault: that would build the lists for every parameter
                 lists = buckets[key] = _empty_lists()
