@@ -224,7 +224,7 @@ class AdaHessian(Optimizer):
             elif estimate is None and "hessian" not in state:
                 continue
             state["step"] += 1
-            key = (g, self._backend_for(p.device))
+            key = (g, p.device)  # one kernel call per device: model parallel splits
             lists = buckets.get(key)
             if lists is None:  # not setdefault: that would build the lists for every parameter
                 lists = buckets[key] = _empty_lists()
@@ -240,7 +240,7 @@ class AdaHessian(Optimizer):
                 if estimate.partial_sums is not None:
                     lists["partial_sums"].append(estimate.partial_sums[n])
 
-        for (g, backend), lists in buckets.items():
+        for (g, device), lists in buckets.items():
             group = self.param_groups[g]
             beta1, beta2 = group["betas"]
             hessian_step = estimate is not None
@@ -254,7 +254,7 @@ class AdaHessian(Optimizer):
                 n_samples=self.n_samples, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
                 average_conv_kernel=self.average_conv_kernel, grad_scale=grad_scale, found_inf=found_inf,
-                backend=backend,
+                backend=self._backend_for(device),
             )
 
     def _estimate(self, entries, grads) -> Estimate:
@@ -268,9 +268,9 @@ class AdaHessian(Optimizer):
         self._warn_no_graph(
             [(idx, p) for (_, idx, p), grad in zip(entries, grads) if grad is not None and not hutchinson.has_graph(grad)]
         )
-        by_backend: dict[str, list[int]] = {}
+        by_device: dict[torch.device, list[int]] = {}
         for n, p in enumerate(params):
-            by_backend.setdefault(self._backend_for(p.device), []).append(n)
+            by_device.setdefault(p.device, []).append(n)
 
         partial_sums = None
         if self.n_samples > 1:
@@ -278,8 +278,10 @@ class AdaHessian(Optimizer):
         for s in range(self.n_samples):
             keys = [sampler.rademacher_key(self.seed, idx, self._rademacher_counter + s) for _, idx, _ in entries]
             zs: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
-            for backend, ns in by_backend.items():
-                sampled = functional.sample_rademacher([params[n] for n in ns], [keys[n] for n in ns], backend=backend)
+            for device, ns in by_device.items():
+                sampled = functional.sample_rademacher(
+                    [params[n] for n in ns], [keys[n] for n in ns], backend=self._backend_for(device)
+                )
                 for n, z in zip(ns, sampled):
                     zs[n] = z
             hzs: list[Tensor | None] = [None] * len(params)
@@ -293,10 +295,10 @@ class AdaHessian(Optimizer):
             # Gradients without a graph (or no gradient on this rank): zero Hessian rows.
             hzs = [torch.zeros_like(p) if hz is None else hz for hz, p in zip(hzs, params)]
             if s < self.n_samples - 1:
-                for backend, ns in by_backend.items():
+                for device, ns in by_device.items():
                     functional.accumulate_hessian_(
                         [partial_sums[n] for n in ns], [zs[n] for n in ns], [hzs[n] for n in ns],
-                        keys=[keys[n] for n in ns], backend=backend,
+                        keys=[keys[n] for n in ns], backend=self._backend_for(device),
                     )
         return Estimate(zs, keys, hzs, partial_sums)
 
