@@ -1,57 +1,97 @@
-"""The fused CUDA kernels (SPEC section 5), with TF32 off: bit-identical z across CPU and
-CUDA, the functional core against the reference path per step from identical state,
-training runs on real models, GradScaler, non-contiguous parameters, opcheck. The
-cases and models are test_fused.py's, moved to the GPU. Skipped without a GPU."""
+"""The CUDA kernels (csrc/cuda, SPEC section 5) against the reference path, on two
+targets: "cuda", a GPU, with TF32 off (skipped without one), and "emulated", the same
+kernel code run on the CPU by tests/cuda_emulator.cpp (everywhere a compiler is). Checked:
+bit-identical z across CPU and CUDA, the functional core per step from identical state,
+views at every alignment (no access outside them), training runs on real models,
+GradScaler. The cases and models are test_fused.py's."""
+
+from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
 import test_fused as cpu_cases
-from adahessian import AdaHessian, backends, functional, sampler
+from adahessian import AdaHessian, _build, _ops, backends, functional, sampler
 
 CUDA = torch.device("cuda")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+EMULATOR = "adahessian_cuda_emulator"
+_emulator_library = []  # keeps the emulator's schemas registered for the session
 
 
-@pytest.fixture(autouse=True)
-def _exact_matmul():
-    allow = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = allow
+class Target(NamedTuple):
+    """Where the CUDA kernels run, and the device their tensors live on."""
+
+    name: str
+    device: torch.device
+
+    def to(self, x):
+        """x with every tensor moved to the target's device (layouts kept), recursively."""
+        if torch.is_tensor(x):
+            return x.to(self.device)
+        if isinstance(x, (list, tuple)):
+            return type(x)(self.to(v) for v in x)
+        if isinstance(x, dict):
+            return {k: self.to(v) for k, v in x.items()}
+        return x
 
 
-def cuda(x):
-    """x with every tensor moved to the GPU (layouts kept), recursively."""
-    if torch.is_tensor(x):
-        return x.to(CUDA)
-    if isinstance(x, (list, tuple)):
-        return type(x)(cuda(v) for v in x)
-    if isinstance(x, dict):
-        return {k: cuda(v) for k, v in x.items()}
-    return x
+@pytest.fixture(scope="session")
+def emulator():
+    """torch.ops.adahessian_cuda_emulator: adahessian's schemas, with the CUDA kernels'
+    code compiled for the CPU."""
+    if cpu_cases.REASON is not None:
+        pytest.skip(f"no compiler for the emulator: {cpu_cases.REASON}")
+    from torch.utils import cpp_extension
+
+    library = torch.library.Library(EMULATOR, "FRAGMENT")
+    for name in _ops.OPS:
+        library.define(str(getattr(torch.ops.adahessian, name).default._schema).split("::", 1)[1])
+    _emulator_library.append(library)
+    cpp_extension.load(
+        name=EMULATOR, sources=[str(Path(__file__).with_name("cuda_emulator.cpp"))],
+        extra_include_paths=_build.include_dirs(), extra_cflags=["-O2"], is_python_module=False,
+    )
+    return getattr(torch.ops, EMULATOR)
 
 
+@pytest.fixture(params=["emulated", pytest.param("cuda", marks=needs_gpu)])
+def target(request, monkeypatch):
+    if request.param == "cuda":
+        allow = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        yield Target("cuda", CUDA)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = allow
+        return
+    emulated = request.getfixturevalue("emulator")
+    # Every fused call on CPU tensors goes to the emulated CUDA kernels.
+    monkeypatch.setattr(functional, "_kernels", lambda tensors: emulated)
+    yield Target("emulated", torch.device("cpu"))
+
+
+@needs_gpu
 def test_fused_backend_is_available_on_cuda():
     assert backends.fused_unavailable_reason(CUDA) is None
 
 
 @pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES)
-def test_rademacher_is_bit_identical_across_cpu_and_cuda(dtype):
+def test_rademacher_is_bit_identical_to_the_sampler(target, dtype):
     keys = [sampler.rademacher_key(2147483647, i, 9) for i in range(len(cpu_cases.SIZES))]
-    like = [torch.empty(n, dtype=dtype, device=CUDA) for n in cpu_cases.SIZES]
-    like.append(torch.empty(6, 5, 3, 3, dtype=dtype, device=CUDA).to(memory_format=torch.channels_last))
+    like = [torch.empty(n, dtype=dtype, device=target.device) for n in cpu_cases.SIZES]
+    like.append(torch.empty(6, 5, 3, 3, dtype=dtype, device=target.device).to(memory_format=torch.channels_last))
     keys.append(77)
     got = functional.sample_rademacher(like, keys, backend="fused")
     for t, k in zip(got, keys):
         assert torch.equal(t.cpu(), sampler.rademacher(t.shape, k, dtype=dtype))
-        assert torch.equal(t, sampler.rademacher(t.shape, k, dtype=dtype, device=CUDA))
+        assert torch.equal(t, sampler.rademacher(t.shape, k, dtype=dtype, device=target.device))
 
 
 @pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES)
-def test_accumulate_is_bit_identical_to_the_reference(dtype):
+def test_accumulate_is_bit_identical_to_the_reference(target, dtype):
     g = torch.Generator().manual_seed(0)
     shapes, keys = [(3, 40), (65536 + 5,), (2, 3, 5, 5)], [101, 202, 303]
     hzs = [torch.randn(s, generator=g).to(dtype) for s in shapes]
@@ -59,24 +99,20 @@ def test_accumulate_is_bit_identical_to_the_reference(dtype):
     zs = [sampler.rademacher(s, k, dtype=dtype) for s, k in zip(shapes, keys)]
     want = [a.clone() for a in acc]
     functional.accumulate_hessian_(want, zs, hzs, backend="reference")
-    got = cuda(acc)
-    functional.accumulate_hessian_(got, cuda(zs), cuda(hzs), keys=keys, backend="fused")
+    got = target.to(acc)
+    functional.accumulate_hessian_(got, target.to(zs), target.to(hzs), keys=keys, backend="fused")
     assert all(torch.equal(a.cpu(), w) for a, w in zip(got, want))
 
 
-@pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES)
-@pytest.mark.parametrize("case", list(cpu_cases.CORE_CASES))
-@pytest.mark.parametrize("hessian_power", [1.0, 0.5, 0.7])
-@pytest.mark.parametrize("average_conv_kernel", [False, True])
-def test_functional_step_matches_the_cpu_reference(dtype, case, hessian_power, average_conv_kernel):
-    lists, estimate = cpu_cases._problem(dtype, channels_last=average_conv_kernel, **cpu_cases.CORE_CASES[case])
-    options = dict(
-        n_samples=cpu_cases.CORE_CASES[case]["n_samples"], lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8,
-        weight_decay=0.1, hessian_power=hessian_power, average_conv_kernel=average_conv_kernel,
+def _options(n_samples, hessian_power, average_conv_kernel):
+    return dict(
+        n_samples=n_samples, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
+        hessian_power=hessian_power, average_conv_kernel=average_conv_kernel,
         grad_scale=torch.tensor([2.0**10]) if hessian_power == 0.7 else None, found_inf=torch.tensor([0.0]),
     )
-    want = cpu_cases._run_functional("reference", lists, estimate, **options)
-    got = cpu_cases._run_functional("fused", cuda(lists), cuda(estimate), **cuda(options))
+
+
+def _assert_close_to(got, want, dtype):
     for name in ("params", "exp_avgs", "exp_hessian_diag_sqs", "hessians"):
         low = name == "params" and dtype in cpu_cases.LOW_PRECISION
         tol = dict(rtol=1e-2, atol=1e-2) if low else dict(rtol=2e-6, atol=1e-7)
@@ -84,17 +120,70 @@ def test_functional_step_matches_the_cpu_reference(dtype, case, hessian_power, a
             if w is None:
                 assert g is None
                 continue
-            assert g.is_cuda and g.stride() == w.stride()
             torch.testing.assert_close(g.cpu(), w, **tol, msg=lambda m: f"{name}[{i}] {tuple(w.shape)}: {m}")
 
 
-def test_found_inf_leaves_every_tensor_untouched():
+@pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES)
+@pytest.mark.parametrize("case", list(cpu_cases.CORE_CASES))
+@pytest.mark.parametrize("hessian_power", [1.0, 0.5, 0.7])
+@pytest.mark.parametrize("average_conv_kernel", [False, True])
+def test_functional_step_matches_the_reference(target, dtype, case, hessian_power, average_conv_kernel):
+    lists, estimate = cpu_cases._problem(dtype, channels_last=average_conv_kernel, **cpu_cases.CORE_CASES[case])
+    options = _options(cpu_cases.CORE_CASES[case]["n_samples"], hessian_power, average_conv_kernel)
+    want = cpu_cases._run_functional("reference", lists, estimate, **options)
+    got = cpu_cases._run_functional("fused", target.to(lists), target.to(estimate), **target.to(options))
+    for g, w in zip(got["params"], want["params"]):
+        assert g.device.type == target.device.type and g.stride() == w.stride()
+    _assert_close_to(got, want, dtype)
+
+
+def _padded(tensors, offset):
+    """Each tensor as a view `offset` elements into a NaN-filled buffer with a margin of
+    16 elements on either side; returns the views and their buffers."""
+    views, buffers = [], []
+    for t in tensors:
+        if t is None:
+            views.append(None)
+            continue
+        buffer = torch.full((t.numel() + offset + 32,), float("nan"), dtype=t.dtype, device=t.device)
+        view = buffer[16 + offset : 16 + offset + t.numel()].view(t.shape)
+        view.copy_(t)
+        views.append(view)
+        buffers.append((buffer, 16 + offset, t.numel()))
+    return views, buffers
+
+
+@pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES)
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("average_conv_kernel", [False, True])
+def test_views_at_every_alignment_match_and_stay_inside(target, dtype, offset, average_conv_kernel):
+    # Packed loads need every pointer aligned (16 bytes for float32, 32 for float64); a
+    # view's offset decides whether the vectorised path runs, and no path may touch the
+    # NaN margins around the views.
+    lists, estimate = cpu_cases._problem(dtype, hessian_step=True, kept=True, n_samples=2, channels_last=False)
+    want = cpu_cases._run_functional("reference", lists, estimate, **_options(2, 1.0, average_conv_kernel))
+    lists, estimate = target.to(lists), target.to(estimate)
+    margins = []
+    for name in ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians"):
+        lists[name], buffers = _padded(lists[name], offset)
+        margins += buffers
+    for name in ("hzs", "partial_sums"):
+        estimate[name], buffers = _padded(estimate[name], offset)
+        margins += buffers
+    functional.adahessian(*lists.values(), **estimate, **target.to(_options(2, 1.0, average_conv_kernel)),
+                          backend="fused")
+    _assert_close_to(lists, want, dtype)
+    for buffer, start, numel in margins:
+        assert buffer[:start].isnan().all() and buffer[start + numel :].isnan().all()
+
+
+def test_found_inf_leaves_every_tensor_untouched(target):
     lists, estimate = cpu_cases._problem(torch.float32, hessian_step=True, kept=True, n_samples=2, channels_last=True)
-    lists, estimate = cuda(lists), cuda(estimate)
+    lists, estimate = target.to(lists), target.to(estimate)
     options = dict(
         n_samples=2, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, hessian_power=1.0,
-        average_conv_kernel=True, grad_scale=torch.tensor([8.0], device=CUDA),
-        found_inf=torch.tensor([1.0], device=CUDA),
+        average_conv_kernel=True, grad_scale=torch.tensor([8.0], device=target.device),
+        found_inf=torch.tensor([1.0], device=target.device),
     )
     got = cpu_cases._run_functional("fused", lists, estimate, **options)
     for name, tensors in lists.items():
@@ -102,51 +191,68 @@ def test_found_inf_leaves_every_tensor_untouched():
             assert all(torch.equal(g, w) for g, w in zip(got[name], tensors))
 
 
+def test_thread_order_changes_no_bit(emulator):
+    # Blocks and threads run in reverse: an element that two threads touch (a race on
+    # the GPU) would come out different.
+    lists, estimate = cpu_cases._problem(torch.float32, hessian_step=True, kept=True, n_samples=2, channels_last=True)
+    options = _options(2, 0.5, average_conv_kernel=True)
+    runs = []
+    for reverse in (False, True):
+        emulator.set_reverse_order(reverse)
+        runs.append(copy.deepcopy(lists))
+        emulator.fused_step_(
+            *[runs[-1][k] for k in ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians")],
+            hzs=estimate["hzs"], partial_sums=estimate["partial_sums"], keys=estimate["keys"],
+            steps=runs[-1]["state_steps"], **options,
+        )
+    emulator.set_reverse_order(False)
+    for name in ("params", "exp_avgs", "exp_hessian_diag_sqs", "hessians"):
+        assert all(torch.equal(a, b) for a, b in zip(runs[0][name], runs[1][name]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0]["params"], lists["params"]))
+
+
+@needs_gpu
 @pytest.mark.parametrize("case", list(cpu_cases.OPCHECK_CASES))
 def test_opcheck(case):
     op = getattr(torch.ops.adahessian, case.split("/")[0]).default
-    torch.library.opcheck(op, cuda(cpu_cases.OPCHECK_CASES[case]()))
-
-
-def _train(model, opt, batches, scaler):
-    for batch in batches:
-        cpu_cases._step(model, opt, cuda(batch), scaler)
+    torch.library.opcheck(op, Target("cuda", CUDA).to(cpu_cases.OPCHECK_CASES[case]()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", list(cpu_cases.TRAJECTORIES))
-def test_training_trajectory_matches_the_reference_on_cuda(name, dtype):
+def test_training_trajectory_matches_the_reference(target, name, dtype):
     case = cpu_cases.TRAJECTORIES[name]
     cls, options, groups = case["cls"], case["options"], case.get("groups", False)
     torch.manual_seed(0)
-    ref_model = cls().to(CUDA, dtype)
+    ref_model = cls().to(target.device, dtype)
     if case.get("channels_last"):
         ref_model = ref_model.to(memory_format=torch.channels_last)
     fused_model = copy.deepcopy(ref_model)
     ref_opt = cpu_cases._optimizer(ref_model, "reference", options, groups)
     fused_opt = cpu_cases._optimizer(fused_model, "fused", options, groups)
     g = torch.Generator().manual_seed(1)
-    batches = [cls.batch(g) for _ in range(24)]
+    batches = [target.to(cls.batch(g)) for _ in range(24)]
     for model, opt in ((ref_model, ref_opt), (fused_model, fused_opt)):
-        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10) if case.get("scaled") else None
-        _train(model, opt, batches, scaler)
+        scaler = torch.amp.GradScaler(target.device.type, init_scale=2.0**10) if case.get("scaled") else None
+        for batch in batches:
+            cpu_cases._step(model, opt, batch, scaler)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
     cpu_cases._compare_models(fused_model, ref_model, skip=getattr(cls, "ZERO_GRAD", ()), **tol)
 
 
 @pytest.mark.parametrize("cls", [cpu_cases.MLP, cpu_cases.CNN, cpu_cases.Transformer])
 @pytest.mark.parametrize("dtype", [torch.float32, *cpu_cases.LOW_PRECISION])
-def test_steps_from_identical_state_match_the_reference(cls, dtype):
+def test_steps_from_identical_state_match_the_reference(target, cls, dtype):
     low = dtype in cpu_cases.LOW_PRECISION
     options = dict(lr=0.01, eps=1e-3 if low else 1e-8, update_each=2, weight_decay=0.01,
                    average_conv_kernel=cls is cpu_cases.CNN)
     tol = dict(rtol=1e-2, atol=1e-2) if low else dict(rtol=1e-4, atol=1e-5)
     torch.manual_seed(0)
-    ref_model = cls().to(CUDA, dtype)
+    ref_model = cls().to(target.device, dtype)
     ref_opt = AdaHessian(ref_model.parameters(), backend="reference", **options)
     g = torch.Generator().manual_seed(1)
     for _ in range(6):
-        batch = cuda(cls.batch(g))
+        batch = target.to(cls.batch(g))
         fused_model = copy.deepcopy(ref_model)
         fused_opt = AdaHessian(fused_model.parameters(), backend="fused", **options)
         fused_opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))

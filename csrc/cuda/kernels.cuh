@@ -1,0 +1,380 @@
+// The CUDA kernels of the adahessian ops and the host code that feeds them, written
+// against a small runtime interface rather than the CUDA runtime itself, so that the same
+// code also runs on a CPU under the test suite's emulator (tests/cuda_emulator.cpp).
+// ops_cuda.cu supplies the real runtime:
+//
+//   struct Runtime {
+//     static constexpr const char* kDevice;        // "CUDA", for error messages
+//     static bool accepts(const at::Tensor&);      // a tensor this runtime can address
+//     struct Guard { explicit Guard(at::Device); };
+//     template <typename Meta> struct Table {      // the launch's table, on the device
+//       Table(const std::vector<Meta>&, const std::vector<Chunk>&, at::Device);
+//       const Meta* metas; const Chunk* chunks; int64_t num_chunks;
+//     };
+//     static void launch(kernel, int64_t blocks, args...);  // kThreads threads a block
+//   };
+//
+// Multi-tensor apply: the host lays out a table of tensors and of chunks (whole
+// conv-kernel groups each), and one launch per dtype covers every tensor, one block per
+// chunk. Kernels use no shared memory, no warp shuffles and no barriers: each element is
+// read and written by exactly one thread, which is what lets the emulator run threads one
+// after another. The per-element math is the shared header's (adahessian/math.h).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+
+#include <adahessian/host.h>
+#include <adahessian/math.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace adahessian {
+namespace cuda {
+
+using at::Tensor;
+
+constexpr int kThreads = 256;
+// Elements per lane of the vectorised path: 16-byte accesses for float32 parameters.
+constexpr int kPack = 4;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, typename T>
+__device__ inline void load(T (&dst)[N], const T* src) {
+  const auto pack = *reinterpret_cast<const Pack<T, N>*>(src);
+#pragma unroll
+  for (int k = 0; k < N; ++k) dst[k] = pack.v[k];
+}
+
+template <int N, typename T>
+__device__ inline void store(T* dst, const T (&src)[N]) {
+  Pack<T, N> pack;
+#pragma unroll
+  for (int k = 0; k < N; ++k) pack.v[k] = src[k];
+  *reinterpret_cast<Pack<T, N>*>(dst) = pack;
+}
+
+// Whether a pack of T may be loaded at p (float64 packs need 32 bytes, not 16).
+template <typename T>
+bool pack_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % alignof(Pack<T, kPack>) == 0;
+}
+
+// One chunk of one tensor: the unit of work of a block.
+struct Chunk {
+  int32_t tensor;
+  int64_t begin, end;
+};
+
+// Every tensor of one call: addressable by the runtime and on one device.
+template <typename Runtime>
+void check_device(const Tensor& t, const at::Device& device, const char* what) {
+  TORCH_CHECK(Runtime::accepts(t), "adahessian: ", what, " must be ", Runtime::kDevice, " tensors, got one on ",
+              t.device());
+  TORCH_CHECK(t.device() == device, "adahessian: the tensors of one call must be on one device: ", what,
+              " has one on ", t.device(), ", the first is on ", device);
+}
+
+// Splits the tensors into chunks of whole groups, uploads the table and calls
+// launch(table) to start one block per chunk.
+template <typename Runtime, typename Meta, typename Launch>
+void launch_over_chunks(const std::vector<Meta>& metas, const std::vector<int64_t>& numel,
+                        const std::vector<int64_t>& group, const at::Device& device, const Launch& launch) {
+  std::vector<Chunk> chunks;
+  for (const auto& w : work_items(numel, group)) chunks.push_back({static_cast<int32_t>(w.tensor), w.begin, w.end});
+  if (chunks.empty()) return;
+  const typename Runtime::template Table<Meta> table(metas, chunks, device);
+  launch(table);
+}
+
+// ------------------------------------------------------------------------ rademacher_
+
+template <typename scalar_t>
+struct FillMeta {
+  scalar_t* out;
+  uint32_t key;
+};
+
+template <typename scalar_t>
+__global__ void rademacher_kernel(const FillMeta<scalar_t>* metas, const Chunk* chunks) {
+  const Chunk ch = chunks[blockIdx.x];
+  const FillMeta<scalar_t> t = metas[ch.tensor];
+  for (int64_t i = ch.begin + threadIdx.x; i < ch.end; i += blockDim.x) {
+    t.out[i] = rademacher_sign<scalar_t>(rademacher_base(t.key, i), i);
+  }
+}
+
+template <typename Runtime>
+void rademacher(at::TensorList out, at::IntArrayRef keys) {
+  TORCH_CHECK(out.size() == keys.size(), "adahessian::rademacher_: ", out.size(), " tensors but ", keys.size(),
+              " keys");
+  if (out.empty()) return;
+  const at::Device device = out[0].device();
+  const typename Runtime::Guard guard(device);
+  ContiguousViews views;
+  for (const auto dtype : dtypes_of(out)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "rademacher_", [&] {
+      std::vector<FillMeta<scalar_t>> metas;
+      std::vector<int64_t> numel;
+      for (size_t i = 0; i < out.size(); ++i) {
+        if (out[i].scalar_type() != dtype) continue;
+        check_device<Runtime>(out[i], device, "out");
+        metas.push_back({views.write(out[i]).data_ptr<scalar_t>(), checked_key(keys[i])});
+        numel.push_back(out[i].numel());
+      }
+      launch_over_chunks<Runtime>(metas, numel, std::vector<int64_t>(numel.size(), 1), device, [](const auto& table) {
+        Runtime::launch(rademacher_kernel<scalar_t>, table.num_chunks, table.metas, table.chunks);
+      });
+    });
+  }
+  views.finish();
+}
+
+// -------------------------------------------------------------- accumulate_hessian_
+
+template <typename scalar_t>
+struct AccumulateMeta {
+  at::opmath_type<scalar_t>* partial_sum;
+  const scalar_t* hz;
+  uint32_t key;
+};
+
+template <typename scalar_t>
+__global__ void accumulate_kernel(const AccumulateMeta<scalar_t>* metas, const Chunk* chunks) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const Chunk ch = chunks[blockIdx.x];
+  const AccumulateMeta<scalar_t> t = metas[ch.tensor];
+  for (int64_t i = ch.begin + threadIdx.x; i < ch.end; i += blockDim.x) {
+    const opmath_t z = rademacher_sign<opmath_t>(rademacher_base(t.key, i), i);
+    t.partial_sum[i] = hessian_estimate<opmath_t>(z, t.hz[i], t.partial_sum[i], 1, 1);
+  }
+}
+
+template <typename Runtime>
+void accumulate_hessian(at::TensorList partial_sums, at::TensorList hzs, at::IntArrayRef keys) {
+  TORCH_CHECK(partial_sums.size() == hzs.size() && hzs.size() == keys.size(),
+              "adahessian::accumulate_hessian_: lists of different lengths");
+  if (hzs.empty()) return;
+  const at::Device device = hzs[0].device();
+  const typename Runtime::Guard guard(device);
+  ContiguousViews views;
+  for (const auto dtype : dtypes_of(hzs)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "accumulate_hessian_", [&] {
+      std::vector<AccumulateMeta<scalar_t>> metas;
+      std::vector<int64_t> numel;
+      for (size_t i = 0; i < hzs.size(); ++i) {
+        if (hzs[i].scalar_type() != dtype) continue;
+        check_device<Runtime>(hzs[i], device, "hzs");
+        check_like(partial_sums[i], hzs[i], at::toOpMathType(dtype), "partial_sums");
+        metas.push_back({views.write(partial_sums[i]).data_ptr<at::opmath_type<scalar_t>>(),
+                         views.read(hzs[i]).const_data_ptr<scalar_t>(), checked_key(keys[i])});
+        numel.push_back(hzs[i].numel());
+      }
+      launch_over_chunks<Runtime>(metas, numel, std::vector<int64_t>(numel.size(), 1), device, [](const auto& table) {
+        Runtime::launch(accumulate_kernel<scalar_t>, table.num_chunks, table.metas, table.chunks);
+      });
+    });
+  }
+  views.finish();
+}
+
+// ---------------------------------------------------------------------- fused_step_
+
+template <typename scalar_t>
+struct StepMeta {
+  using opmath_t = at::opmath_type<scalar_t>;
+  scalar_t* param;
+  const scalar_t* grad;
+  opmath_t* exp_avg;
+  opmath_t* exp_hessian_diag_sq;
+  opmath_t* hessian;            // D kept for later steps, or null
+  const scalar_t* hz;           // null on steps that reuse the kept D
+  const opmath_t* partial_sum;  // null when n_samples == 1
+  uint32_t key;
+  bool average;                 // conv-kernel averaging (|D| averaged over groups of `group`)
+  int32_t group;
+  bool vectorised;              // every pointer aligned for packs
+  StepCoefficients<opmath_t> coefficients;
+};
+
+// Everything a lane needs, read once per launch.
+template <typename opmath_t>
+struct StepScalars {
+  opmath_t n_samples;
+  const float* grad_scale;  // GradScaler's scale on the device, or null
+};
+
+// D at element i: this step's estimate, or the kept one.
+template <typename scalar_t, typename opmath_t>
+__device__ inline opmath_t estimate_at(const StepMeta<scalar_t>& t, int64_t i, opmath_t n_samples, opmath_t inv_scale) {
+  if (t.hz == nullptr) return t.hessian[i];
+  const opmath_t z = rademacher_sign<opmath_t>(rademacher_base(t.key, i), i);
+  const opmath_t sum = t.partial_sum ? t.partial_sum[i] : opmath_t(0);
+  return hessian_estimate<opmath_t>(z, static_cast<opmath_t>(t.hz[i]), sum, n_samples, inv_scale);
+}
+
+template <Power power, typename scalar_t, typename opmath_t>
+__device__ inline void update_at(const StepMeta<scalar_t>& t, int64_t i, opmath_t d, const StepCoefficients<opmath_t>& c) {
+  if (t.hz != nullptr && t.hessian != nullptr) t.hessian[i] = d;
+  opmath_t p = static_cast<opmath_t>(t.param[i]), m = t.exp_avg[i], v = t.exp_hessian_diag_sq[i];
+  adahessian_update<power>(p, m, v, static_cast<opmath_t>(t.grad[i]), d, c);
+  t.param[i] = static_cast<scalar_t>(p);  // the one rounding of a low-precision parameter
+  t.exp_avg[i] = m;
+  t.exp_hessian_diag_sq[i] = v;
+}
+
+// kPack consecutive elements with packed (16-byte for float32) loads and stores.
+template <Power power, typename scalar_t, typename opmath_t>
+__device__ inline void update_pack(const StepMeta<scalar_t>& t, int64_t i, opmath_t n_samples,
+                                   const StepCoefficients<opmath_t>& c) {
+  scalar_t p[kPack], g[kPack];
+  opmath_t m[kPack], v[kPack], d[kPack];
+  load(p, t.param + i);
+  load(g, t.grad + i);
+  load(m, t.exp_avg + i);
+  load(v, t.exp_hessian_diag_sq + i);
+  if (t.hz != nullptr) {
+    scalar_t h[kPack];
+    opmath_t s[kPack] = {};
+    load(h, t.hz + i);
+    if (t.partial_sum) load(s, t.partial_sum + i);
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      const opmath_t z = rademacher_sign<opmath_t>(rademacher_base(t.key, i + k), i + k);
+      d[k] = hessian_estimate<opmath_t>(z, static_cast<opmath_t>(h[k]), s[k], n_samples, c.inv_scale);
+    }
+    if (t.hessian) store(t.hessian + i, d);
+  } else {
+    load(d, t.hessian + i);
+  }
+#pragma unroll
+  for (int k = 0; k < kPack; ++k) {
+    opmath_t pk = static_cast<opmath_t>(p[k]);
+    adahessian_update<power>(pk, m[k], v[k], static_cast<opmath_t>(g[k]), d[k], c);
+    p[k] = static_cast<scalar_t>(pk);
+  }
+  store(t.param + i, p);
+  store(t.exp_avg + i, m);
+  store(t.exp_hessian_diag_sq + i, v);
+}
+
+template <Power power, typename scalar_t>
+__global__ void fused_step_kernel(const StepMeta<scalar_t>* metas, const Chunk* chunks,
+                                  StepScalars<at::opmath_type<scalar_t>> scalars, const float* found_inf) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (found_inf != nullptr && *found_inf != 0.f) return;  // GradScaler skips this step
+  const Chunk ch = chunks[blockIdx.x];
+  const StepMeta<scalar_t> t = metas[ch.tensor];
+  StepCoefficients<opmath_t> c = t.coefficients;
+  if (scalars.grad_scale != nullptr) c.inv_scale = opmath_t(1) / static_cast<opmath_t>(*scalars.grad_scale);
+
+  if (t.average) {
+    // Conv-kernel averaging: a lane owns whole kh*kw groups (chunks hold whole groups):
+    // the mean of |D| over the group (sum, then divide, as torch.mean does), then the
+    // group's updates.
+    for (int64_t g = ch.begin + int64_t(threadIdx.x) * t.group; g < ch.end; g += int64_t(blockDim.x) * t.group) {
+      opmath_t sum = 0;
+      for (int64_t i = g; i < g + t.group; ++i) sum += ::fabs(estimate_at(t, i, scalars.n_samples, c.inv_scale));
+      const opmath_t d = sum / static_cast<opmath_t>(t.group);
+      for (int64_t i = g; i < g + t.group; ++i) update_at<power>(t, i, d, c);
+    }
+    return;
+  }
+  int64_t i = ch.begin;
+  if (t.vectorised) {  // chunk starts are multiples of kPack: every pack is aligned
+    for (i = ch.begin + int64_t(threadIdx.x) * kPack; i + kPack <= ch.end; i += int64_t(blockDim.x) * kPack) {
+      update_pack<power>(t, i, scalars.n_samples, c);
+    }
+    i = ch.begin + (ch.end - ch.begin) / kPack * kPack;  // the tail of the tensor's last chunk
+  }
+  for (i += threadIdx.x; i < ch.end; i += blockDim.x) {
+    update_at<power>(t, i, estimate_at(t, i, scalars.n_samples, c.inv_scale), c);
+  }
+}
+
+// A one-element float32 tensor of GradScaler's on the runtime's device, or null.
+template <typename Runtime>
+const float* scaler_value(const std::optional<Tensor>& t, const at::Device& device, const char* what) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 1, "adahessian::fused_step_: ", what,
+              " must be a one-element float32 tensor");
+  check_device<Runtime>(*t, device, what);
+  return t->const_data_ptr<float>();
+}
+
+template <typename Runtime>
+void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
+                at::TensorList partial_sums, at::IntArrayRef keys, at::IntArrayRef steps, double lr, double beta1,
+                double beta2, double eps, double weight_decay, double hessian_power, int64_t n_samples,
+                bool average_conv_kernel, const std::optional<Tensor>& grad_scale,
+                const std::optional<Tensor>& found_inf) {
+  check_step_arguments(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, partial_sums, keys, steps,
+                       n_samples);
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  const typename Runtime::Guard guard(device);
+  const bool hessian_step = !hzs.empty();
+  const Power power = power_of(hessian_power);
+  const float* scale = scaler_value<Runtime>(grad_scale, device, "grad_scale");
+  const float* inf = scaler_value<Runtime>(found_inf, device, "found_inf");
+
+  ContiguousViews views;
+  for (const auto dtype : dtypes_of(params)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_step_", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      std::vector<StepMeta<scalar_t>> metas;
+      std::vector<int64_t> numel, group;
+      for (size_t i = 0; i < params.size(); ++i) {
+        const Tensor& p = params[i];
+        if (p.scalar_type() != dtype) continue;
+        check_device<Runtime>(p, device, "params");
+        check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, partial_sums);
+        StepMeta<scalar_t> t{};
+        t.param = views.write(p).data_ptr<scalar_t>();
+        t.grad = views.read(grads[i]).const_data_ptr<scalar_t>();
+        t.exp_avg = views.write(exp_avgs[i]).data_ptr<opmath_t>();
+        t.exp_hessian_diag_sq = views.write(exp_hessian_diag_sqs[i]).data_ptr<opmath_t>();
+        if (!hessians.empty()) {
+          t.hessian = hessian_step ? views.write(hessians[i]).data_ptr<opmath_t>()
+                                   : const_cast<opmath_t*>(views.read(hessians[i]).const_data_ptr<opmath_t>());
+        }
+        if (hessian_step) {
+          t.hz = views.read(hzs[i]).const_data_ptr<scalar_t>();
+          t.key = checked_key(keys[i]);
+          if (!partial_sums.empty()) t.partial_sum = views.read(partial_sums[i]).const_data_ptr<opmath_t>();
+        }
+        t.average = average_conv_kernel && p.dim() == 4;  // 1x1 kernels too: D becomes |D|
+        t.group = static_cast<int32_t>(averaging_group(p, average_conv_kernel));
+        t.vectorised = pack_aligned(t.param) && pack_aligned(t.grad) && pack_aligned(t.exp_avg) &&
+                       pack_aligned(t.exp_hessian_diag_sq) && (!t.hessian || pack_aligned(t.hessian)) &&
+                       (!t.hz || pack_aligned(t.hz)) && (!t.partial_sum || pack_aligned(t.partial_sum));
+        const auto c = step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power, 1.0);
+        t.coefficients = {opmath_t(c.weight_decay_factor), opmath_t(c.beta1), opmath_t(c.one_minus_beta1),
+                          opmath_t(c.beta2), opmath_t(c.one_minus_beta2), opmath_t(c.bias_correction2),
+                          opmath_t(c.neg_step_size), opmath_t(c.eps), opmath_t(c.exponent), opmath_t(1)};
+        metas.push_back(t);
+        numel.push_back(p.numel());
+        group.push_back(t.group);
+      }
+      const StepScalars<opmath_t> scalars{static_cast<opmath_t>(n_samples), scale};
+      launch_over_chunks<Runtime>(metas, numel, group, device, [&](const auto& table) {
+        dispatch_power(power, [&](auto p) {
+          Runtime::launch(fused_step_kernel<decltype(p)::value, scalar_t>, table.num_chunks, table.metas,
+                          table.chunks, scalars, inf);
+        });
+      });
+    });
+  }
+  views.finish();
+}
+
+}  // namespace cuda
+}  // namespace adahessian

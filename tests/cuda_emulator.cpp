@@ -1,0 +1,79 @@
+// Runs the CUDA kernels of csrc/cuda/kernels.cuh on the CPU, for machines without a GPU:
+// every block and every thread of a launch, one after another, over CPU tensors. The
+// kernels share nothing between threads (no shared memory, shuffles or barriers), so
+// this is their exact semantics; running threads in reverse order as well would expose
+// an element that two threads touch. What it cannot check is the CUDA runtime itself
+// (the table upload, streams, alignment faults): tests/test_cuda.py does that on a GPU.
+//
+// Registered for the CPU key of the ops adahessian_cuda_emulator::*, whose schemas the
+// test defines from adahessian's own.
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#define __global__
+#define __device__
+
+struct EmulatedIndex {
+  unsigned x = 0;
+};
+inline EmulatedIndex threadIdx, blockIdx, blockDim;
+
+#include "../csrc/cuda/kernels.cuh"
+
+namespace adahessian {
+namespace cuda {
+namespace {
+
+bool reverse_order = false;
+
+struct EmulatedRuntime {
+  static constexpr const char* kDevice = "CPU (emulated CUDA)";
+  static bool accepts(const Tensor& t) { return t.device().is_cpu(); }
+  struct Guard {
+    explicit Guard(const at::Device&) {}
+  };
+
+  template <typename Meta>
+  struct Table {
+    std::vector<Meta> meta_copy;
+    std::vector<Chunk> chunk_copy;
+    const Meta* metas;
+    const Chunk* chunks;
+    int64_t num_chunks;
+
+    Table(const std::vector<Meta>& m, const std::vector<Chunk>& c, const at::Device&)
+        : meta_copy(m), chunk_copy(c), metas(meta_copy.data()), chunks(chunk_copy.data()),
+          num_chunks(static_cast<int64_t>(c.size())) {}
+  };
+
+  template <typename... Params, typename... Args>
+  static void launch(void (*kernel)(Params...), int64_t blocks, const Args&... args) {
+    blockDim.x = kThreads;
+    for (int64_t b = 0; b < blocks; ++b) {
+      blockIdx.x = static_cast<unsigned>(reverse_order ? blocks - 1 - b : b);
+      for (int k = 0; k < kThreads; ++k) {
+        threadIdx.x = static_cast<unsigned>(reverse_order ? kThreads - 1 - k : k);
+        kernel(args...);
+      }
+    }
+  }
+};
+
+void set_reverse_order(bool reverse) { reverse_order = reverse; }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(adahessian_cuda_emulator, m) {
+  m.def("set_reverse_order(bool reverse) -> ()", &set_reverse_order);
+}
+
+TORCH_LIBRARY_IMPL(adahessian_cuda_emulator, CPU, m) {
+  m.impl("rademacher_", &rademacher<EmulatedRuntime>);
+  m.impl("accumulate_hessian_", &accumulate_hessian<EmulatedRuntime>);
+  m.impl("fused_step_", &fused_step<EmulatedRuntime>);
+}
+
+}  // namespace cuda
+}  // namespace adahessian
