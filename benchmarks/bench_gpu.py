@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -160,7 +161,8 @@ def main(argv=None):
         r["fused_speedup"] = r["median_ms"] / fused["median_ms"]
         r["fraction_of_copy_bandwidth"] = r["gbs"] / copy_gbs
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    commit = git.stdout.strip() if git.returncode == 0 else os.environ.get("ADAHESSIAN_COMMIT", "unknown")
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda, commit=commit,

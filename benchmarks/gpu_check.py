@@ -1,35 +1,91 @@
 """`make gpu-check OUT=folder`: on a machine with a GPU (and no network), build the
 extensions in place against the torch that is installed, run the CUDA tests, run the GPU
-benchmark, and write OUT/results.json and OUT/table.md.
+benchmark, check the kernels' memory accesses with compute-sanitizer where it exists, and
+write OUT/results.json, OUT/table.md and OUT/log.txt (every phase's output).
 
     python benchmarks/gpu_check.py --out OUT
+
+Each phase has a time limit, and results.json is rewritten after every phase, so a run
+cut short still says how far it got. Where the sources arrive without their .git folder,
+pass the commit as ADAHESSIAN_COMMIT=<sha>.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CUDA_TESTS = ["tests/test_cuda.py"]
+# By path, as setup.py does: importing the package would load the extensions before the build.
+_spec = importlib.util.spec_from_file_location("_adahessian_build", ROOT / "adahessian" / "_build.py")
+_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_build)
+
+# The GPU target of tests/test_cuda.py (the emulated one runs in CI).
+CUDA_TESTS = ["tests/test_cuda.py", "-k", "not emulated and not thread_order"]
+# Small cases whose every launch compute-sanitizer instruments: the fused step on views
+# at every alignment, with and without vectorised packs.
+SANITIZED_TESTS = ["tests/test_cuda.py", "-k", "not emulated and views_at_every_alignment and (float32 or float64)"]
+LIMITS_S = dict(build=360, tests=300, bench=240, sanitizer=150)
 
 
-def run(cmd, out: Path, name: str, **env) -> tuple[int, float, str]:
-    """Run cmd in the repository root, logging to OUT/name.log; (exit code, seconds, tail)."""
+def commit() -> str:
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return git.stdout.strip() if git.returncode == 0 else os.environ.get("ADAHESSIAN_COMMIT", "unknown")
+
+
+def run(cmd, out: Path, name: str, **env) -> dict:
+    """Run cmd in the repository root within its phase's limit, appending its output to
+    OUT/log.txt; returns exit code (None when cut off at the limit), seconds and tail."""
     start = time.monotonic()
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True)
-    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-    print(f"[{name}] exit {proc.returncode} in {time.monotonic() - start:.0f} s\n{tail}\n", flush=True)
-    return proc.returncode, time.monotonic() - start, tail
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env}
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=LIMITS_S[name])
+        code, text = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as err:
+        code = None
+        text = "".join(s.decode(errors="replace") if isinstance(s, bytes) else (s or "") for s in (err.stdout, err.stderr))
+        text += f"\n[{name}] cut off after {LIMITS_S[name]} s\n"
+    seconds = round(time.monotonic() - start)
+    with open(out / "log.txt", "a") as log:
+        log.write(f"\n===== {name}: {' '.join(map(str, cmd))} (exit {code}, {seconds} s)\n{text}")
+    tail = "\n".join(text.strip().splitlines()[-15:])
+    print(f"[{name}] exit {code} in {seconds} s\n{tail}\n", flush=True)
+    return dict(exit=code, seconds=seconds, tail=tail)
+
+
+def pytest_counts(tail: str) -> dict:
+    return {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail)}
+
+
+def sanitizer() -> str | None:
+    found = shutil.which("compute-sanitizer")
+    if found is None and (home := _build.find_cuda_home()):
+        found = next((str(p) for p in Path(home).glob("**/compute-sanitizer") if p.is_file()), None)
+    return found
+
+
+def write(out: Path, result: dict) -> None:
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    table = [f"# GPU check: {result.get('device')}, torch {result.get('torch')} (CUDA {result.get('cuda')}), "
+             f"commit {result['commit'][:10]}, {result['date']}", ""]
+    for phase in ("build", "tests", "bench", "sanitizer"):
+        if phase in result:
+            r = result[phase]
+            counts = ", ".join(f"{v} {k}" for k, v in r.items() if k not in ("exit", "seconds", "tail"))
+            table.append(f"- {phase}: exit {r['exit']} ({r['seconds']} s){'; ' + counts if counts else ''}")
+    if (out / "bench_gpu.md").exists():
+        table += ["", (out / "bench_gpu.md").read_text()]
+    (out / "table.md").write_text("\n".join(table) + "\n")
 
 
 def main(argv=None):
@@ -38,36 +94,40 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    (out / "log.txt").write_text("")
     py = sys.executable
-    result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    result["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    import torch  # adahessian's extensions are not loaded by this
 
-    code, seconds, tail = run([py, "setup.py", "build_ext", "--inplace"], out, "build", FORCE_CUDA="1")
-    result["build"] = dict(exit=code, seconds=round(seconds), tail=tail)
-    import torch  # after the build: its import does not depend on it
-
-    result.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), commit=commit(),
+                  device=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                   torch=torch.__version__, cuda=torch.version.cuda)
-    code, seconds, tail = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TESTS], out, "tests")
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail)}
-    result["tests"] = dict(exit=code, seconds=round(seconds), **counts)
-    code, seconds, tail = run([py, "benchmarks/bench_gpu.py", "--out", str(out)], out, "bench")
-    result["bench_exit"] = code
-    bench = out / "bench_gpu.json"
-    if bench.exists():
-        result["bench"] = json.loads(bench.read_text())
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    env = dict(FORCE_CUDA="1")
+    if torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        env["TORCH_CUDA_ARCH_LIST"] = "{}.{}".format(*torch.cuda.get_device_capability())  # this GPU's only
+    result["build"] = run([py, "setup.py", "build_ext", "--inplace"], out, "build", **env)
+    write(out, result)
 
-    table = [f"# GPU check: {result['device']}, torch {result['torch']} (CUDA {result['cuda']}), "
-             f"commit {result['commit'][:10]}, {result['date']}", "",
-             f"- build: exit {result['build']['exit']} ({result['build']['seconds']} s)",
-             f"- CUDA tests: exit {result['tests']['exit']}, "
-             + ", ".join(f"{v} {k}" for k, v in result["tests"].items() if k not in ("exit", "seconds")), ""]
-    if (out / "bench_gpu.md").exists():
-        table.append((out / "bench_gpu.md").read_text())
-    (out / "table.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
-    return 0 if result["build"]["exit"] == 0 and result["tests"]["exit"] == 0 and result["bench_exit"] == 0 else 1
+    result["tests"] = run([py, "-m", "pytest", "-q", "-rfE", "--tb=short", "-p", "no:cacheprovider", *CUDA_TESTS],
+                          out, "tests")
+    result["tests"].update(pytest_counts(result["tests"]["tail"]))
+    write(out, result)
+
+    result["bench"] = run([py, "benchmarks/bench_gpu.py", "--out", str(out)], out, "bench",
+                          ADAHESSIAN_COMMIT=result["commit"])
+    if (out / "bench_gpu.json").exists():
+        result["bench"]["results"] = json.loads((out / "bench_gpu.json").read_text())
+    write(out, result)
+
+    tool = sanitizer()
+    if tool is not None:
+        result["sanitizer"] = run([tool, "--tool", "memcheck", "--error-exitcode", "1", py, "-m", "pytest", "-q",
+                                   "-p", "no:cacheprovider", *SANITIZED_TESTS], out, "sanitizer")
+        result["sanitizer"].update(pytest_counts(result["sanitizer"]["tail"]))
+    else:
+        result["sanitizer"] = dict(exit=None, seconds=0, tail="compute-sanitizer not found")
+    write(out, result)
+    print((out / "table.md").read_text())
+    return 0 if all(result[p]["exit"] == 0 for p in ("build", "tests", "bench")) else 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ EMULATOR = "adahessian_cuda_emulator"
 _emulator_library = []  # keeps the emulator's schemas registered for the session
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 class Target(NamedTuple):
     """Where the CUDA kernels run, and the device their tensors live on."""
 
@@ -78,7 +82,7 @@ def test_fused_backend_is_available_on_cuda():
     assert backends.fused_unavailable_reason(CUDA) is None
 
 
-@pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES)
+@pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES, ids=dtype_name)
 def test_rademacher_is_bit_identical_to_the_sampler(target, dtype):
     keys = [sampler.rademacher_key(2147483647, i, 9) for i in range(len(cpu_cases.SIZES))]
     like = [torch.empty(n, dtype=dtype, device=target.device) for n in cpu_cases.SIZES]
@@ -90,7 +94,7 @@ def test_rademacher_is_bit_identical_to_the_sampler(target, dtype):
         assert torch.equal(t, sampler.rademacher(t.shape, k, dtype=dtype, device=target.device))
 
 
-@pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES)
+@pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES, ids=dtype_name)
 def test_accumulate_is_bit_identical_to_the_reference(target, dtype):
     g = torch.Generator().manual_seed(0)
     shapes, keys = [(3, 40), (65536 + 5,), (2, 3, 5, 5)], [101, 202, 303]
@@ -123,7 +127,7 @@ def _assert_close_to(got, want, dtype):
             torch.testing.assert_close(g.cpu(), w, **tol, msg=lambda m: f"{name}[{i}] {tuple(w.shape)}: {m}")
 
 
-@pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES)
+@pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("case", list(cpu_cases.CORE_CASES))
 @pytest.mark.parametrize("hessian_power", [1.0, 0.5, 0.7])
 @pytest.mark.parametrize("average_conv_kernel", [False, True])
@@ -153,7 +157,7 @@ def _padded(tensors, offset):
     return views, buffers
 
 
-@pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES)
+@pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("offset", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("average_conv_kernel", [False, True])
 def test_views_at_every_alignment_match_and_stay_inside(target, dtype, offset, average_conv_kernel):
@@ -218,7 +222,7 @@ def test_opcheck(case):
     torch.library.opcheck(op, Target("cuda", CUDA).to(cpu_cases.OPCHECK_CASES[case]()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_name)
 @pytest.mark.parametrize("name", list(cpu_cases.TRAJECTORIES))
 def test_training_trajectory_matches_the_reference(target, name, dtype):
     case = cpu_cases.TRAJECTORIES[name]
@@ -241,7 +245,7 @@ def test_training_trajectory_matches_the_reference(target, name, dtype):
 
 
 @pytest.mark.parametrize("cls", [cpu_cases.MLP, cpu_cases.CNN, cpu_cases.Transformer])
-@pytest.mark.parametrize("dtype", [torch.float32, *cpu_cases.LOW_PRECISION])
+@pytest.mark.parametrize("dtype", [torch.float32, *cpu_cases.LOW_PRECISION], ids=dtype_name)
 def test_steps_from_identical_state_match_the_reference(target, cls, dtype):
     low = dtype in cpu_cases.LOW_PRECISION
     options = dict(lr=0.01, eps=1e-3 if low else 1e-8, update_each=2, weight_decay=0.01,

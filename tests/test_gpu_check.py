@@ -1,0 +1,55 @@
+"""`make gpu-check` runs where GPU time is scarce: what it selects and records must be
+right before it gets there."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _collect(args):
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return [line for line in result.stdout.splitlines() if "::" in line]
+
+
+@pytest.mark.parametrize("selection", ["CUDA_TESTS", "SANITIZED_TESTS"])
+def test_selections_pick_gpu_tests_only(gpu_check, selection):
+    ids = _collect(getattr(gpu_check, selection))
+    assert ids, f"{selection} selects no test"
+    assert all("emulated" not in i and "thread_order" not in i for i in ids), ids
+    # Every GPU-target test of the module, and nothing else, in the main selection.
+    if selection == "CUDA_TESTS":
+        everything = _collect(["tests/test_cuda.py"])
+        assert set(ids) == {i for i in everything if "emulated" not in i and "thread_order" not in i}
+        assert sum("[cuda" in i for i in ids) > 100
+
+
+def test_a_run_cut_short_still_writes_what_it_has(gpu_check, tmp_path):
+    result = dict(date="2026-11-29T00:00:00+00:00", commit="0123456789abcdef", device="NVIDIA H200", torch="2.11.0",
+                  cuda="13.0", build=dict(exit=0, seconds=71, tail=""),
+                  tests=dict(exit=None, seconds=300, tail="", passed=120))
+    gpu_check.write(tmp_path, result)
+    assert json.loads((tmp_path / "results.json").read_text()) == result
+    table = (tmp_path / "table.md").read_text()
+    assert "NVIDIA H200" in table and "commit 0123456789" in table
+    assert "- build: exit 0 (71 s)" in table and "- tests: exit None (300 s); 120 passed" in table
+    assert "bench" not in table
+
+
+def test_pytest_counts_read_the_summary_line(gpu_check):
+    assert gpu_check.pytest_counts("3 failed, 140 passed, 2 skipped, 1 error in 61.2s") == dict(
+        failed=3, passed=140, skipped=2, error=1)
