@@ -54,7 +54,8 @@ def nonfinite(tensors: list[Tensor]) -> Tensor:
     """A 0-dim bool tensor: does any of ``tensors`` hold an inf or a NaN?"""
     if not tensors:
         return torch.tensor(False)
-    return torch.stack([torch.logical_not(torch.isfinite(t).all()) for t in tensors]).any()
+    device = tensors[0].device  # model parallel: one flag per tensor, gathered on one device
+    return torch.stack([torch.logical_not(torch.isfinite(t).all()).to(device) for t in tensors]).any()
 
 
 def adahessian(
@@ -169,6 +170,10 @@ def _fused(
     # their schema names); the kernel checks found_inf itself. Its hessians list is all or
     # nothing, so a Hessian step over state restored from a run with another update_each
     # (some D kept, some not) makes one call per kind.
+    # GradScaler's scale and found_inf live on one device; each device's call reads its own copy.
+    for name in ("grad_scale", "found_inf"):
+        if scalars[name] is not None and params:
+            scalars[name] = scalars[name].to(params[0].device, non_blocking=True)
     kept = [h is not None for h in hessians]
     if hzs is not None and any(kept) and not all(kept):
         for keep in (True, False):

@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from adahessian import AdaHessian  # noqa: E402
+from adahessian import AdaHessian, _build  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,8 +159,7 @@ def main(argv=None):
         r["fused_speedup"] = r["median_ms"] / fused["median_ms"]
         r["fraction_of_copy_bandwidth"] = r["gbs"] / copy_gbs
 
-    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    commit = git.stdout.strip() if git.returncode == 0 else os.environ.get("ADAHESSIAN_COMMIT", "unknown")
+    commit = _build.source_commit()
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda, commit=commit,

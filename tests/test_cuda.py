@@ -66,10 +66,16 @@ def emulator():
 @pytest.fixture(params=["emulated", pytest.param("cuda", marks=needs_gpu)])
 def target(request, monkeypatch):
     if request.param == "cuda":
-        allow = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        # Exact float32 products, and the same convolution algorithms for both models: a
+        # zero-gradient parameter's update is m / sqrt(v) of pure round-off (SPEC section 5).
+        flags = [(torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False),
+                 (torch.backends.cudnn, "deterministic", True), (torch.backends.cudnn, "benchmark", False)]
+        saved = [getattr(module, name) for module, name, _ in flags]
+        for module, name, value in flags:
+            setattr(module, name, value)
         yield Target("cuda", CUDA)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = allow
+        for (module, name, _), value in zip(flags, saved):
+            setattr(module, name, value)
         return
     emulated = request.getfixturevalue("emulator")
     # Every fused call on CPU tensors goes to the emulated CUDA kernels.

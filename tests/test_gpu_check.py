@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,15 @@ def test_a_run_cut_short_still_writes_what_it_has(gpu_check, tmp_path):
 def test_pytest_counts_read_the_summary_line(gpu_check):
     assert gpu_check.pytest_counts("3 failed, 140 passed, 2 skipped, 1 error in 61.2s") == dict(
         failed=3, passed=140, skipped=2, error=1)
+
+
+def test_a_phase_past_its_limit_is_cut_off_with_its_children(gpu_check, tmp_path, monkeypatch):
+    monkeypatch.setitem(gpu_check.LIMITS_S, "tests", 2)
+    marker = tmp_path / "grandchild-survived"
+    child = f"import subprocess, time; subprocess.Popen(['sh', '-c', 'sleep 4; touch {marker}']); time.sleep(60)"
+    (tmp_path / "log.txt").write_text("")
+    result = gpu_check.run([sys.executable, "-c", child], tmp_path, "tests")
+    assert result["exit"] is None and result["seconds"] < 10
+    assert "cut off after 2 s" in (tmp_path / "log.txt").read_text()
+    time.sleep(4)
+    assert not marker.exists()
