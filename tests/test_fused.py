@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from adahessian import AdaHessian, backends, functional, math_attention, sampler
+from training import backward_and_step
 
 CPU = torch.device("cpu")
 REASON = backends.fused_unavailable_reason(CPU)
@@ -290,14 +291,7 @@ def _optimizer(model, backend, options, groups):
 
 def _step(model, opt, batch, scaler=None):
     opt.zero_grad()
-    loss = _loss(model, batch)
-    if scaler is None:
-        loss.backward(create_graph=opt.hessian_due)
-        opt.step()
-    else:
-        scaler.scale(loss).backward(create_graph=opt.hessian_due)
-        scaler.step(opt)
-        scaler.update()
+    backward_and_step(_loss(model, batch), opt, scaler)
 
 
 def _compare_models(got, want, skip=(), **tol):

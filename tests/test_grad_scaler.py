@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from adahessian import AdaHessian
+from training import backward_and_step
 
 
 def _model():
@@ -21,14 +22,7 @@ def _batches(n):
 def _train(model, opt, batches, scaler=None):
     for x, y in batches:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        if scaler is None:
-            loss.backward(create_graph=opt.hessian_due)
-            opt.step()
-        else:
-            scaler.scale(loss).backward(create_graph=opt.hessian_due)
-            scaler.step(opt)
-            scaler.update()
+        backward_and_step(torch.nn.functional.cross_entropy(model(x), y), opt, scaler)
 
 
 @pytest.mark.parametrize("update_each,n_samples", [(1, 1), (2, 2)])
