@@ -43,7 +43,7 @@ if torch.version.cuda and CUDA_HOME and (torch.cuda.is_available() or os.environ
         CUDAExtension(
             f"adahessian.{build.CUDA_MODULE}",
             build.cuda_sources(relative_to=ROOT),
-            include_dirs=build.include_dirs() + build.nvidia_wheel_includes(),
+            include_dirs=build.include_dirs() + build.nvidia_wheel_includes(CUDA_HOME),
             extra_compile_args={"cxx": ["-O3"], "nvcc": build.NVCC_FLAGS},
         )
     )

@@ -104,9 +104,13 @@ def find_cuda_home() -> str | None:
     return None
 
 
-def nvidia_wheel_includes() -> list[str]:
+def nvidia_wheel_includes(cuda_home: str | None) -> list[str]:
     """Headers that torch's CUDA headers include (cusparse.h, cublas_v2.h, ...) but a
-    minimal toolkit may lack: the NVIDIA wheels a CUDA build of torch installs have them."""
+    minimal toolkit may lack: the NVIDIA wheels a CUDA build of torch installs have them.
+    Only for such a toolkit: a full one keeps its own headers, not a wheel's of another
+    minor version ahead of them."""
+    if cuda_home is not None and (Path(cuda_home) / "include" / "cusparse.h").exists():
+        return []
     folders = []
     for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
         folders += sorted(str(p) for p in Path(site).glob("nvidia/*/include") if p.is_dir())

@@ -114,7 +114,8 @@ def _jit_build(device_type: str) -> str | None:
                 name=f"adahessian{_build.CUDA_MODULE}",
                 sources=_build.cuda_sources(),
                 extra_cuda_cflags=_build.NVCC_FLAGS,
-                **dict(common, extra_include_paths=_build.include_dirs() + _build.nvidia_wheel_includes()),
+                **dict(common, extra_include_paths=_build.include_dirs()
+                       + _build.nvidia_wheel_includes(cpp_extension.CUDA_HOME)),
             )
     except Exception as err:  # no compiler, no ninja, a compile error: all mean "unavailable"
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""

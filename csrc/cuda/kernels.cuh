@@ -117,6 +117,7 @@ void rademacher(at::TensorList out, at::IntArrayRef keys) {
               " keys");
   if (out.empty()) return;
   const at::Device device = out[0].device();
+  check_device<Runtime>(out[0], device, "out");  // before the guard, which needs such a device
   const typename Runtime::Guard guard(device);
   ContiguousViews views;
   for (const auto dtype : dtypes_of(out)) {
@@ -163,6 +164,7 @@ void accumulate_hessian(at::TensorList partial_sums, at::TensorList hzs, at::Int
               "adahessian::accumulate_hessian_: lists of different lengths");
   if (hzs.empty()) return;
   const at::Device device = hzs[0].device();
+  check_device<Runtime>(hzs[0], device, "hzs");  // before the guard, which needs such a device
   const typename Runtime::Guard guard(device);
   ContiguousViews views;
   for (const auto dtype : dtypes_of(hzs)) {
@@ -320,6 +322,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
                        n_samples);
   if (params.empty()) return;
   const at::Device device = params[0].device();
+  check_device<Runtime>(params[0], device, "params");  // before the guard, which needs such a device
   const typename Runtime::Guard guard(device);
   const bool hessian_step = !hzs.empty();
   const Power power = power_of(hessian_power);
