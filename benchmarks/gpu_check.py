@@ -40,15 +40,14 @@ SANITIZED_TESTS = ["tests/test_cuda.py", "-k", "not emulated and views_at_every_
 # minutes, and the machine's time is shared by every try).
 LIMITS_S = dict(build=300, tests=300, bench=240, sanitizer=150)
 TOTAL_S = 480
-_deadline = time.monotonic() + TOTAL_S
 
 
-def run(cmd, out: Path, name: str, **env) -> dict:
+def run(cmd, out: Path, name: str, deadline: float, **env) -> dict:
     """Run cmd in the repository root within its phase's limit and what is left of the
     whole check's, appending its output to OUT/log.txt; returns exit code (None when cut
     off), seconds and the output's tail."""
     start = time.monotonic()
-    limit = max(1, min(LIMITS_S[name], round(_deadline - start)))
+    limit = max(1, min(LIMITS_S[name], round(deadline - start)))
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env}
     # A session of its own: a cut-off phase takes its children (ninja, nvcc) with it.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -68,8 +67,11 @@ def run(cmd, out: Path, name: str, **env) -> dict:
     return dict(exit=code, seconds=seconds, tail=tail)
 
 
+PYTEST_OUTCOMES = ("passed", "failed", "skipped", "error", "errors")
+
+
 def pytest_counts(tail: str) -> dict:
-    return {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail)}
+    return {k: int(n) for n, k in re.findall(rf"(\d+) ({'|'.join(PYTEST_OUTCOMES)})\b", tail)}
 
 
 def sanitizer() -> str | None:
@@ -86,7 +88,7 @@ def write(out: Path, result: dict) -> None:
     for phase in ("build", "tests", "bench", "sanitizer"):
         if phase in result:
             r = result[phase]
-            counts = ", ".join(f"{v} {k}" for k, v in r.items() if k not in ("exit", "seconds", "tail"))
+            counts = ", ".join(f"{v} {k}" for k, v in r.items() if k in PYTEST_OUTCOMES)
             table.append(f"- {phase}: exit {r['exit']} ({r['seconds']} s){'; ' + counts if counts else ''}")
     if (out / "bench_gpu.md").exists():
         table += ["", (out / "bench_gpu.md").read_text()]
@@ -100,6 +102,7 @@ def main(argv=None):
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "log.txt").write_text("")
+    deadline = time.monotonic() + TOTAL_S
     py = sys.executable
     import torch  # adahessian's extensions are not loaded by this
 
@@ -110,7 +113,7 @@ def main(argv=None):
     env = dict(FORCE_CUDA="1")
     if torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
         env["TORCH_CUDA_ARCH_LIST"] = "{}.{}".format(*torch.cuda.get_device_capability())  # this GPU's only
-    result["build"] = run([py, "setup.py", "build_ext", "--inplace"], out, "build", **env)
+    result["build"] = run([py, "setup.py", "build_ext", "--inplace"], out, "build", deadline, **env)
     write(out, result)
 
     if result["build"]["exit"] != 0:  # the tests would JIT-build the same failing sources
@@ -118,22 +121,22 @@ def main(argv=None):
         return 1
 
     result["tests"] = run([py, "-m", "pytest", "-q", "-rfE", "--tb=short", "-p", "no:cacheprovider", *CUDA_TESTS],
-                          out, "tests")
+                          out, "tests", deadline)
     result["tests"].update(pytest_counts(result["tests"]["tail"]))
     write(out, result)
 
-    result["bench"] = run([py, "benchmarks/bench_gpu.py", "--out", str(out)], out, "bench",
+    result["bench"] = run([py, "benchmarks/bench_gpu.py", "--out", str(out)], out, "bench", deadline,
                           ADAHESSIAN_COMMIT=result["commit"])
     if (out / "bench_gpu.json").exists():
         result["bench"]["results"] = json.loads((out / "bench_gpu.json").read_text())
     write(out, result)
 
     tool = sanitizer()
-    if tool is not None and _deadline - time.monotonic() > 30:
+    if tool is not None and deadline - time.monotonic() > 30:
         # Without torch's caching allocator every tensor is its own allocation, so an
         # access past a tensor's end is one that memcheck sees.
         result["sanitizer"] = run([tool, "--tool", "memcheck", "--error-exitcode", "1", py, "-m", "pytest", "-q",
-                                   "-p", "no:cacheprovider", *SANITIZED_TESTS], out, "sanitizer",
+                                   "-p", "no:cacheprovider", *SANITIZED_TESTS], out, "sanitizer", deadline,
                                   PYTORCH_NO_CUDA_MEMORY_CACHING="1")
         result["sanitizer"].update(pytest_counts(result["sanitizer"]["tail"]))
     else:

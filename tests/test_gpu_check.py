@@ -42,13 +42,14 @@ def test_selections_pick_gpu_tests_only(gpu_check, selection):
 def test_a_run_cut_short_still_writes_what_it_has(gpu_check, tmp_path):
     result = dict(date="2026-11-29T00:00:00+00:00", commit="0123456789abcdef", device="NVIDIA H200", torch="2.11.0",
                   cuda="13.0", build=dict(exit=0, seconds=71, tail=""),
-                  tests=dict(exit=None, seconds=300, tail="", passed=120))
+                  tests=dict(exit=None, seconds=300, tail="", passed=120),
+                  bench=dict(exit=0, seconds=40, tail="", results=dict(copy_gbs=4300.0, rows=[])))
     gpu_check.write(tmp_path, result)
     assert json.loads((tmp_path / "results.json").read_text()) == result
     table = (tmp_path / "table.md").read_text()
     assert "NVIDIA H200" in table and "commit 0123456789" in table
     assert "- build: exit 0 (71 s)" in table and "- tests: exit None (300 s); 120 passed" in table
-    assert "bench" not in table
+    assert "- bench: exit 0 (40 s)\n" in table and "sanitizer" not in table
 
 
 def test_pytest_counts_read_the_summary_line(gpu_check):
@@ -61,7 +62,7 @@ def test_a_phase_past_its_limit_is_cut_off_with_its_children(gpu_check, tmp_path
     marker = tmp_path / "grandchild-survived"
     child = f"import subprocess, time; subprocess.Popen(['sh', '-c', 'sleep 4; touch {marker}']); time.sleep(60)"
     (tmp_path / "log.txt").write_text("")
-    result = gpu_check.run([sys.executable, "-c", child], tmp_path, "tests")
+    result = gpu_check.run([sys.executable, "-c", child], tmp_path, "tests", time.monotonic() + 60)
     assert result["exit"] is None and result["seconds"] < 10
     assert "cut off after 2 s" in (tmp_path / "log.txt").read_text()
     time.sleep(4)
