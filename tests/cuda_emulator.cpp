@@ -3,7 +3,7 @@
 // kernels share nothing between threads (no shared memory, shuffles or barriers), so
 // this is their exact semantics; running threads in reverse order as well would expose
 // an element that two threads touch. What it cannot check is the CUDA runtime itself
-// (the table upload, streams, alignment faults): tests/test_cuda.py does that on a GPU.
+// (the table's copy to the device, streams, alignment faults): tests/test_cuda.py does that on a GPU.
 //
 // Registered for the CPU key of the ops adahessian_cuda_emulator::*, whose schemas the
 // test defines from adahessian's own.
@@ -35,18 +35,9 @@ struct EmulatedRuntime {
     explicit Guard(const at::Device&) {}
   };
 
-  template <typename Meta>
-  struct Table {
-    std::vector<Meta> meta_copy;
-    std::vector<Chunk> chunk_copy;
-    const Meta* metas;
-    const Chunk* chunks;
-    int64_t num_chunks;
-
-    Table(const std::vector<Meta>& m, const std::vector<Chunk>& c, const at::Device&)
-        : meta_copy(m), chunk_copy(c), metas(meta_copy.data()), chunks(chunk_copy.data()),
-          num_chunks(static_cast<int64_t>(c.size())) {}
-  };
+  // The table stays where it was built: CPU memory is the emulated device's.
+  static at::TensorOptions staging() { return at::TensorOptions().dtype(at::kByte); }
+  static Tensor upload(const Tensor& staging, const at::Device&) { return staging; }
 
   template <typename... Params, typename... Args>
   static void launch(void (*kernel)(Params...), int64_t blocks, const Args&... args) {

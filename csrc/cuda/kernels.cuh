@@ -7,10 +7,8 @@
 //     static constexpr const char* kDevice;        // "CUDA", for error messages
 //     static bool accepts(const at::Tensor&);      // a tensor this runtime can address
 //     struct Guard { explicit Guard(at::Device); };
-//     template <typename Meta> struct Table {      // the launch's table, on the device
-//       Table(const std::vector<Meta>&, const std::vector<Chunk>&, at::Device);
-//       const Meta* metas; const Chunk* chunks; int64_t num_chunks;
-//     };
+//     static at::TensorOptions staging();          // host memory a launch's table is built in
+//     static at::Tensor upload(const at::Tensor& staging, at::Device);  // the table, on the device
 //     static void launch(kernel, int64_t blocks, args...);  // kThreads threads a block
 //   };
 //
@@ -24,11 +22,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <adahessian/host.h>
 #include <adahessian/math.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -73,6 +73,28 @@ struct Chunk {
   int64_t begin, end;
 };
 
+// A launch's table in one buffer, so that it travels to the device in one copy: the
+// metas, then the chunks at the next offset aligned for them. Built in the runtime's
+// staging memory (pinned, for an asynchronous copy) and handed to Runtime::upload.
+template <typename Runtime, typename Meta>
+struct Table {
+  Tensor buffer;  // keeps the device copy alive until the launch is queued
+  const Meta* metas;
+  const Chunk* chunks;
+  int64_t num_chunks;
+
+  Table(const std::vector<Meta>& m, const std::vector<Chunk>& c, const at::Device& device)
+      : num_chunks(static_cast<int64_t>(c.size())) {
+    const size_t chunk_offset = (m.size() * sizeof(Meta) + alignof(Chunk) - 1) / alignof(Chunk) * alignof(Chunk);
+    Tensor staging = at::empty({static_cast<int64_t>(chunk_offset + c.size() * sizeof(Chunk))}, Runtime::staging());
+    std::memcpy(staging.data_ptr(), m.data(), m.size() * sizeof(Meta));
+    std::memcpy(static_cast<char*>(staging.data_ptr()) + chunk_offset, c.data(), c.size() * sizeof(Chunk));
+    buffer = Runtime::upload(staging, device);
+    metas = static_cast<const Meta*>(buffer.const_data_ptr());
+    chunks = reinterpret_cast<const Chunk*>(static_cast<const char*>(buffer.const_data_ptr()) + chunk_offset);
+  }
+};
+
 // Every tensor of one call: addressable by the runtime and on one device.
 template <typename Runtime>
 void check_device(const Tensor& t, const at::Device& device, const char* what) {
@@ -90,7 +112,7 @@ void launch_over_chunks(const std::vector<Meta>& metas, const std::vector<int64_
   std::vector<Chunk> chunks;
   for (const auto& w : work_items(numel, group)) chunks.push_back({static_cast<int32_t>(w.tensor), w.begin, w.end});
   if (chunks.empty()) return;
-  const typename Runtime::template Table<Meta> table(metas, chunks, device);
+  const Table<Runtime, Meta> table(metas, chunks, device);
   launch(table);
 }
 
