@@ -116,6 +116,28 @@ void launch_over_chunks(const std::vector<Meta>& metas, const std::vector<int64_
   launch(table);
 }
 
+// The frame of every op: one device (checked, then guarded), strided tensors processed
+// as contiguous views written back at the end, and per dtype one call of
+// per_dtype(dtype, indices of that dtype's tensors, views, device), which launches.
+template <typename Runtime, typename PerDtype>
+void for_each_dtype(at::TensorList tensors, const char* what, const PerDtype& per_dtype) {
+  if (tensors.empty()) return;
+  const at::Device device = tensors[0].device();
+  check_device<Runtime>(tensors[0], device, what);  // before the guard, which needs such a device
+  const typename Runtime::Guard guard(device);
+  ContiguousViews views;
+  for (const auto dtype : dtypes_of(tensors)) {
+    std::vector<size_t> indices;
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      if (tensors[i].scalar_type() != dtype) continue;
+      check_device<Runtime>(tensors[i], device, what);
+      indices.push_back(i);
+    }
+    per_dtype(dtype, indices, views, device);
+  }
+  views.finish();
+}
+
 // ------------------------------------------------------------------------ rademacher_
 
 template <typename scalar_t>
@@ -137,18 +159,12 @@ template <typename Runtime>
 void rademacher(at::TensorList out, at::IntArrayRef keys) {
   TORCH_CHECK(out.size() == keys.size(), "adahessian::rademacher_: ", out.size(), " tensors but ", keys.size(),
               " keys");
-  if (out.empty()) return;
-  const at::Device device = out[0].device();
-  check_device<Runtime>(out[0], device, "out");  // before the guard, which needs such a device
-  const typename Runtime::Guard guard(device);
-  ContiguousViews views;
-  for (const auto dtype : dtypes_of(out)) {
+  for_each_dtype<Runtime>(out, "out", [&](at::ScalarType dtype, const std::vector<size_t>& indices,
+                                           ContiguousViews& views, const at::Device& device) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "rademacher_", [&] {
       std::vector<FillMeta<scalar_t>> metas;
       std::vector<int64_t> numel;
-      for (size_t i = 0; i < out.size(); ++i) {
-        if (out[i].scalar_type() != dtype) continue;
-        check_device<Runtime>(out[i], device, "out");
+      for (const size_t i : indices) {
         metas.push_back({views.write(out[i]).data_ptr<scalar_t>(), checked_key(keys[i])});
         numel.push_back(out[i].numel());
       }
@@ -156,8 +172,7 @@ void rademacher(at::TensorList out, at::IntArrayRef keys) {
         Runtime::launch(rademacher_kernel<scalar_t>, table.num_chunks, table.metas, table.chunks);
       });
     });
-  }
-  views.finish();
+  });
 }
 
 // -------------------------------------------------------------- accumulate_hessian_
@@ -184,18 +199,12 @@ template <typename Runtime>
 void accumulate_hessian(at::TensorList partial_sums, at::TensorList hzs, at::IntArrayRef keys) {
   TORCH_CHECK(partial_sums.size() == hzs.size() && hzs.size() == keys.size(),
               "adahessian::accumulate_hessian_: lists of different lengths");
-  if (hzs.empty()) return;
-  const at::Device device = hzs[0].device();
-  check_device<Runtime>(hzs[0], device, "hzs");  // before the guard, which needs such a device
-  const typename Runtime::Guard guard(device);
-  ContiguousViews views;
-  for (const auto dtype : dtypes_of(hzs)) {
+  for_each_dtype<Runtime>(hzs, "hzs", [&](at::ScalarType dtype, const std::vector<size_t>& indices,
+                                           ContiguousViews& views, const at::Device& device) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "accumulate_hessian_", [&] {
       std::vector<AccumulateMeta<scalar_t>> metas;
       std::vector<int64_t> numel;
-      for (size_t i = 0; i < hzs.size(); ++i) {
-        if (hzs[i].scalar_type() != dtype) continue;
-        check_device<Runtime>(hzs[i], device, "hzs");
+      for (const size_t i : indices) {
         check_like(partial_sums[i], hzs[i], at::toOpMathType(dtype), "partial_sums");
         metas.push_back({views.write(partial_sums[i]).data_ptr<at::opmath_type<scalar_t>>(),
                          views.read(hzs[i]).const_data_ptr<scalar_t>(), checked_key(keys[i])});
@@ -205,8 +214,7 @@ void accumulate_hessian(at::TensorList partial_sums, at::TensorList hzs, at::Int
         Runtime::launch(accumulate_kernel<scalar_t>, table.num_chunks, table.metas, table.chunks);
       });
     });
-  }
-  views.finish();
+  });
 }
 
 // ---------------------------------------------------------------------- fused_step_
@@ -343,24 +351,18 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
   check_step_arguments(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, partial_sums, keys, steps,
                        n_samples);
   if (params.empty()) return;
-  const at::Device device = params[0].device();
-  check_device<Runtime>(params[0], device, "params");  // before the guard, which needs such a device
-  const typename Runtime::Guard guard(device);
   const bool hessian_step = !hzs.empty();
   const Power power = power_of(hessian_power);
-  const float* scale = scaler_value<Runtime>(grad_scale, device, "grad_scale");
-  const float* inf = scaler_value<Runtime>(found_inf, device, "found_inf");
-
-  ContiguousViews views;
-  for (const auto dtype : dtypes_of(params)) {
+  const float* scale = scaler_value<Runtime>(grad_scale, params[0].device(), "grad_scale");
+  const float* inf = scaler_value<Runtime>(found_inf, params[0].device(), "found_inf");
+  for_each_dtype<Runtime>(params, "params", [&](at::ScalarType dtype, const std::vector<size_t>& indices,
+                                                ContiguousViews& views, const at::Device& device) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_step_", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
       std::vector<StepMeta<scalar_t>> metas;
       std::vector<int64_t> numel, group;
-      for (size_t i = 0; i < params.size(); ++i) {
+      for (const size_t i : indices) {
         const Tensor& p = params[i];
-        if (p.scalar_type() != dtype) continue;
-        check_device<Runtime>(p, device, "params");
         check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, partial_sums);
         StepMeta<scalar_t> t{};
         t.param = views.write(p).data_ptr<scalar_t>();
@@ -397,8 +399,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
         });
       });
     });
-  }
-  views.finish();
+  });
 }
 
 }  // namespace cuda
