@@ -11,17 +11,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends, distributed, functional, hutchinson, sampler
+from . import amp, backends, distributed, functional, hutchinson, sampler
 
 BACKENDS = ("auto", "fused", "reference")
-
-UNSCALED_MESSAGE = (
-    "AdaHessian cannot step after scaler.unscale_(optimizer): unscale_ divides the "
-    "gradients by the loss scale, but the Hessian-vector products still carry it and the "
-    "scaler no longer tells the optimizer what it was. Call scaler.step(optimizer) "
-    "without unscale_ (AdaHessian unscales gradients and Hz itself), or train without "
-    "GradScaler in this step."
-)
+# Optimizer-wide settings a user may change between steps (README, "Changing settings");
+# a change of those that shape D makes the next step a Hessian step.
+SHAPE_D = ("update_each", "n_samples", "average_conv_kernel")
+SETTINGS = (*SHAPE_D, "backend")
 
 
 class AdaHessian(Optimizer):
@@ -51,47 +47,65 @@ class AdaHessian(Optimizer):
         seed: int = 2147483647,
         process_group: Any = None,
     ) -> None:
-        if not (isinstance(update_each, int) and update_each >= 1):
-            raise ValueError(f"Invalid update_each: {update_each} (an int >= 1)")
-        if not (isinstance(n_samples, int) and n_samples >= 1):
-            raise ValueError(f"Invalid n_samples: {n_samples} (an int >= 1)")
         if not (isinstance(seed, int) and 0 <= seed < 2**32):
             raise ValueError(f"Invalid seed: {seed} (an int in [0, 2**32))")
-        if backend not in BACKENDS:
-            raise ValueError(f"Invalid backend: {backend!r} (one of {', '.join(map(repr, BACKENDS))})")
         # Optimizer-wide settings, as in the original (not per group, not in `defaults`).
         self.update_each = update_each
         self.n_samples = n_samples
-        self.average_conv_kernel = bool(average_conv_kernel)
+        self.average_conv_kernel = average_conv_kernel
         self.backend = backend
+        self._settings = _validate_settings(self)
         self.seed = seed
         # torch.distributed: a ProcessGroup, "world" (the default group) or None.
         self.process_group = process_group
         self._group = None
         self._group_checked = False
-        # Optimizer-level counters (plain ints, saved by state_dict): steps taken, and
-        # Rademacher vectors drawn per parameter so far (the sampler's `counter`).
+        # Optimizer-level counters (plain ints, saved by state_dict): steps taken, the
+        # step from which Hessian steps are counted (the last change of a setting that
+        # shapes D), and Rademacher vectors drawn per parameter so far (the sampler's
+        # `counter`).
         self._step_count_total = 0
+        self._hessian_origin = 0
         self._rademacher_counter = 0
+        self._hessian_scale = amp.HessianScale()
+        self._grad_scaler = None
         self._warned_no_graph: set[int] = set()
-        self._backend_cache: dict[torch.device, str] = {}
+        self._backend_cache: dict[tuple[torch.device, str], str] = {}
+        self._backward_modes = hutchinson.BackwardModes()
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power)
         _validate_hyperparameters(defaults)
         super().__init__(params, defaults)
+        self._backward_modes.bind(self)
 
     # ----------------------------------------------------------------- public API
 
     @property
     def hessian_due(self) -> bool:
         """True when the next ``step()`` recomputes the Hessian diagonal, i.e. needs
-        ``loss.backward(create_graph=True)``; on other steps a plain backward is enough."""
-        return self._step_count_total % self.update_each == 0
+        ``loss.backward(create_graph=True)``; on other steps a plain backward is enough.
+        Hessian steps are every ``update_each``-th step, counted from the first step and
+        again from any change of ``update_each``, ``n_samples`` or
+        ``average_conv_kernel`` (the next step after a change is a Hessian step, as in a
+        fresh run with the new settings)."""
+        self._sync_settings()
+        return (self._step_count_total - self._hessian_origin) % self.update_each == 0
+
+    def attach_grad_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
+        """Tell the optimizer which ``torch.amp.GradScaler`` scales its loss (None
+        detaches). Needed only for ``scaler.unscale_(optimizer)`` before
+        ``scaler.step(optimizer)`` (gradient clipping): ``unscale_`` unscales the
+        gradients, and the Hessian-vector products, which carry the loss scale too, are
+        then unscaled by the scaler's current scale. Not saved in ``state_dict``."""
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"attach_grad_scaler expects a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        self._grad_scaler = scaler
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _validate_hyperparameters(group)
-        for p in group["params"]:
+        first = len(self._flat_params()) - len(group["params"])
+        for i, p in enumerate(group["params"]):
             if p.is_complex():
                 raise RuntimeError(
                     "AdaHessian does not support complex parameters (the Hessian diagonal of a "
@@ -99,6 +113,7 @@ class AdaHessian(Optimizer):
                     "torch.view_as_real(param) instead."
                 )
             self._backend_for(p.device)  # backend="fused" fails here, not at the first step
+            self._backward_modes.watch(first + i, p)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -118,8 +133,11 @@ class AdaHessian(Optimizer):
         state_dict = super().state_dict()
         state_dict["adahessian"] = {
             "step": self._step_count_total,
+            "hessian_origin": self._hessian_origin,
             "counter": self._rademacher_counter,
             "seed": self.seed,
+            **{name: getattr(self, name) for name in SETTINGS},
+            "hessian_scale": self._hessian_scale.state_dict(),
         }
         return state_dict
 
@@ -129,8 +147,16 @@ class AdaHessian(Optimizer):
         super().load_state_dict(state_dict)
         if counters is not None:
             self._step_count_total = int(counters["step"])
+            self._hessian_origin = int(counters.get("hessian_origin", 0))
             self._rademacher_counter = int(counters["counter"])
             self.seed = int(counters["seed"])
+            # Saved settings win over the constructor's, as torch.optim's hyperparameters
+            # do (state dicts from before they were saved keep the constructor's).
+            for name in SETTINGS:
+                if name in counters:
+                    setattr(self, name, counters[name])
+            self._settings = _validate_settings(self)
+            self._hessian_scale.load_state_dict(counters.get("hessian_scale", {}))
         self._group_checked = False  # re-check that the ranks agree on the loaded counters
         # Optimizer.load_state_dict casts every state tensor to its parameter's dtype;
         # a bfloat16/float16 parameter's state stays float32 (SPEC section 3).
@@ -149,38 +175,47 @@ class AdaHessian(Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _backend_for(self, device: torch.device) -> str:
-        backend = self._backend_cache.get(device)
+        backend = self._backend_cache.get((device, self.backend))
         if backend is None:
             backend = backends.resolve(self.backend, device)
-            self._backend_cache[device] = backend
+            self._backend_cache[(device, self.backend)] = backend
         return backend
 
-    def _step(self) -> None:
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and grad_scale is None:
-            raise RuntimeError(UNSCALED_MESSAGE)
-        group = self._distributed_group()
-        # GradScaler semantics: a step with an inf/NaN in the gradients (found by the
-        # scaler) or in Hz (found here) is skipped, and nothing changes. Distributed, the
-        # decision waits for the reduced values, so that every rank takes the same one.
-        if group is None and found_inf is not None and bool(found_inf):
+    def _sync_settings(self) -> None:
+        """Validate the optimizer-wide settings when they changed since the last look; a
+        change of one that shapes D restarts the count of Hessian steps here."""
+        settings = tuple(getattr(self, name) for name in SETTINGS)
+        if settings == self._settings:
             return
+        shapes_d = settings[: len(SHAPE_D)] != self._settings[: len(SHAPE_D)]
+        self._settings = _validate_settings(self)
+        if shapes_d:
+            self._hessian_origin = self._step_count_total
+        self._group_checked = False  # the ranks must agree on the new values
 
+    def _step(self) -> None:
+        scale = amp.loss_scale(self, self._grad_scaler)
+        group = self._distributed_group()
         hessian_step = self.hessian_due
         entries, grads = self._gather(every_trainable=group is not None)
         if not entries:
             return
-        estimate = self._estimate(entries, grads) if hessian_step else None
+        estimate, overflow = self._estimate(entries, grads, scale) if hessian_step else (None, None)
+        # GradScaler semantics, decided here alone: a step with an inf/NaN in the
+        # gradients (found by the scaler) or in Hz (found by the checked product, after
+        # its back-offs) is skipped, and nothing changes. A checked product read both
+        # flags at once; otherwise the scaler's flag is read now. Distributed, the
+        # decision waits for the reduced values, so that every rank takes the same one.
+        grad_scale = scale.grad_scale
         if group is not None:
             entries, grads, estimate = self._all_reduce(group, entries, grads, estimate, grad_scale)
-            if grad_scale is not None and bool(functional.nonfinite(grads + _estimated(estimate))):
+            if scale.found_inf is not None and bool(functional.nonfinite(grads + _estimated(estimate))):
                 return
-            grad_scale = found_inf = None  # unscaled before the reduce
-        elif grad_scale is not None and bool(functional.nonfinite(_estimated(estimate))):
+            grad_scale = None  # unscaled before the reduce
+        elif (amp.gradients_overflowed(scale) if overflow is None else overflow is not amp.Overflow.NONE):
             return
 
-        self._update(entries, grads, estimate, grad_scale, found_inf)
+        self._update(entries, grads, estimate, grad_scale)
         self._step_count_total += 1
         if hessian_step:
             self._rademacher_counter += self.n_samples
@@ -206,23 +241,26 @@ class AdaHessian(Optimizer):
                 flat_index += 1
         return entries, grads
 
-    def _update(self, entries, grads, estimate, grad_scale, found_inf) -> None:
+    def _update(self, entries, grads, estimate, grad_scale) -> None:
         """Initialise state on first use, gather per (group, backend) lists, and run the
         functional core on each."""
         buckets: dict[tuple[int, str], dict[str, list]] = {}
         for n, (g, _, p) in enumerate(entries):
             state = self.state[p]
-            if not state:
-                if estimate is None:
+            if estimate is None:
+                if "hessian" not in state:
                     continue  # no D yet: wait for the next Hessian step
-                dtype = functional.state_dtype(p)
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_hessian_diag_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                if self.update_each > 1:
-                    state["hessian"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            elif estimate is None and "hessian" not in state:
-                continue
+            else:
+                # The state a fresh run with today's settings has: D is kept between
+                # Hessian steps only when update_each > 1 (settings may have changed).
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = _zeros_like_state(p)
+                    state["exp_hessian_diag_sq"] = _zeros_like_state(p)
+                if self.update_each > 1 and "hessian" not in state:
+                    state["hessian"] = _zeros_like_state(p)
+                elif self.update_each == 1:
+                    state.pop("hessian", None)
             state["step"] += 1
             key = (g, p.device)  # one kernel call per device: model parallel splits
             lists = buckets.get(key)
@@ -253,21 +291,18 @@ class AdaHessian(Optimizer):
                 partial_sums=lists["partial_sums"] if hessian_step and estimate.partial_sums is not None else None,
                 n_samples=self.n_samples, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
-                average_conv_kernel=self.average_conv_kernel, grad_scale=grad_scale, found_inf=found_inf,
+                average_conv_kernel=self.average_conv_kernel, grad_scale=grad_scale, found_inf=None,
                 backend=self._backend_for(device),
             )
 
-    def _estimate(self, entries, grads) -> Estimate:
+    def _estimate(self, entries, grads, scale: amp.LossScale) -> tuple[Estimate, amp.Overflow | None]:
         """Hutchinson: per sample, one autograd call over every gradient that has a
         graph. Returns the last sample's z, sampler key and Hz per entry, and the sum
-        of z * Hz over the earlier samples (None when n_samples == 1)."""
+        of z * Hz over the earlier samples (None when n_samples == 1); and, under a loss
+        scale, whether the step overflowed (None without one: nothing is checked)."""
         params = [p for _, _, p in entries]
         graph = [n for n, grad in enumerate(grads) if grad is not None and hutchinson.has_graph(grad)]
-        if not graph and any(grad is not None for grad in grads):
-            raise RuntimeError(hutchinson.NO_GRAPH_MESSAGE + distributed.ddp_hint())
-        self._warn_no_graph(
-            [(idx, p) for (_, idx, p), grad in zip(entries, grads) if grad is not None and not hutchinson.has_graph(grad)]
-        )
+        self._check_graphs(entries, grads, any_graph=bool(graph))
         by_device: dict[torch.device, list[int]] = {}
         for n, p in enumerate(params):
             by_device.setdefault(p.device, []).append(n)
@@ -284,23 +319,38 @@ class AdaHessian(Optimizer):
                 )
                 for n, z in zip(ns, sampled):
                     zs[n] = z
-            hzs: list[Tensor | None] = [None] * len(params)
-            if graph:
-                graph_hzs = hutchinson.hessian_vector_products(
-                    [grads[n] for n in graph], [params[n] for n in graph], [zs[n] for n in graph],
-                    retain_graph=s < self.n_samples - 1,
-                )
-                for n, hz in zip(graph, graph_hzs):
-                    hzs[n] = hz
-            # Gradients without a graph (or no gradient on this rank): zero Hessian rows.
-            hzs = [torch.zeros_like(p) if hz is None else hz for hz, p in zip(hzs, params)]
+            hzs, overflow = self._hessian_vector_products(
+                grads, params, zs, graph, scale, retain_graph=s < self.n_samples - 1
+            )
+            if overflow not in (None, amp.Overflow.NONE):
+                break  # the step is skipped (every rank still joins the all-reduce)
             if s < self.n_samples - 1:
                 for device, ns in by_device.items():
                     functional.accumulate_hessian_(
                         [partial_sums[n] for n in ns], [zs[n] for n in ns], [hzs[n] for n in ns],
                         keys=[keys[n] for n in ns], backend=self._backend_for(device),
                     )
-        return Estimate(zs, keys, hzs, partial_sums)
+        if overflow is not None and overflow is not amp.Overflow.GRADIENTS:
+            self._hessian_scale.finished(ok=overflow is amp.Overflow.NONE)
+        return Estimate(zs, keys, hzs, partial_sums), overflow
+
+    def _hessian_vector_products(self, grads, params, zs, graph, scale, *, retain_graph):
+        """One sample's Hz for every entry (zeros where a gradient has no graph, or where
+        this rank has no gradient), and the overflow check's outcome under a loss scale
+        (None without one)."""
+        hzs: list[Tensor | None] = [None] * len(params)
+        overflow = None
+        if graph:
+            args = ([grads[n] for n in graph], [params[n] for n in graph], [zs[n] for n in graph])
+            if scale.hz_ratio is None:
+                graph_hzs = hutchinson.hessian_vector_products(*args, retain_graph=retain_graph)
+            else:
+                graph_hzs, overflow = hutchinson.scaled_hessian_vector_products(
+                    *args, scale=self._hessian_scale, hz_ratio=scale.hz_ratio, found_inf=scale.found_inf
+                )
+            for n, hz in zip(graph, graph_hzs):
+                hzs[n] = hz
+        return [torch.zeros_like(p) if hz is None else hz for hz, p in zip(hzs, params)], overflow
 
     def _distributed_group(self):
         """The resolved process group (None when single-process); on the first step,
@@ -347,18 +397,26 @@ class AdaHessian(Optimizer):
             estimate = Estimate(*([x[n] for n in keep] if x is not None else None for x in estimate))
         return [entries[n] for n in keep], [grads[n] for n in keep], estimate
 
-    def _warn_no_graph(self, missing: list[tuple[int, Tensor]]) -> None:
+    def _check_graphs(self, entries, grads, *, any_graph: bool) -> None:
+        """The rule for gradients without a graph on a Hessian step (README, "Gradients
+        without a graph"): after a backward without ``create_graph`` it is the user's to
+        fix (RuntimeError); after one with it, the Hessian rows are zero (D = 0) and one
+        warning per parameter names the possible causes. Where no hook saw the gradient
+        arrive (set by hand), a step with no graph at all is taken for the former."""
+        missing, plain = [], False
+        for (_, idx, p), grad in zip(entries, grads):
+            if grad is None or hutchinson.has_graph(grad) or p.numel() == 0:
+                continue
+            create_graph = self._backward_modes.modes.get(idx)
+            plain = plain or create_graph is False or (create_graph is None and not any_graph)
+            missing.append((idx, p))
+        if plain:
+            raise RuntimeError(hutchinson.NO_GRAPH_MESSAGE + distributed.ddp_hint())
         new = [(idx, p) for idx, p in missing if idx not in self._warned_no_graph]
-        if not new:
-            return
-        self._warned_no_graph.update(idx for idx, _ in new)
-        shapes = ", ".join(str(tuple(p.shape)) for _, p in new)
-        warnings.warn(
-            f"AdaHessian: the gradient of parameter(s) of shape {shapes} has no autograd graph "
-            "(its value does not depend on any parameter), so its Hessian rows are zero: D = 0 "
-            "and its update divides by eps alone. Check that this is intended.",
-            stacklevel=4,
-        )
+        if new:
+            self._warned_no_graph.update(idx for idx, _ in new)
+            shapes = ", ".join(str(tuple(p.shape)) for _, p in new)
+            warnings.warn(hutchinson.no_graph_warning(shapes), stacklevel=5)
 
     def _release_graphs(self) -> None:
         # backward(create_graph=True) makes param -> grad -> graph -> param cycles that
@@ -377,6 +435,10 @@ class Estimate(NamedTuple):
     partial_sums: list[Tensor] | None
 
 
+def _zeros_like_state(p: Tensor) -> Tensor:
+    return torch.zeros_like(p, dtype=functional.state_dtype(p), memory_format=torch.preserve_format)
+
+
 def _estimated(estimate: Estimate | None) -> list[Tensor]:
     """The estimate's tensors that carry the loss scale and cross ranks."""
     if estimate is None:
@@ -387,6 +449,18 @@ def _estimated(estimate: Estimate | None) -> list[Tensor]:
 def _empty_lists() -> dict[str, list]:
     keys = ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians", "state_steps", "zs", "keys", "hzs", "partial_sums")
     return {k: [] for k in keys}
+
+
+def _validate_settings(opt: AdaHessian) -> tuple:
+    """Check the optimizer-wide settings (ValueError naming the bad one); their tuple."""
+    if not (isinstance(opt.update_each, int) and opt.update_each >= 1):
+        raise ValueError(f"Invalid update_each: {opt.update_each} (an int >= 1)")
+    if not (isinstance(opt.n_samples, int) and opt.n_samples >= 1):
+        raise ValueError(f"Invalid n_samples: {opt.n_samples} (an int >= 1)")
+    opt.average_conv_kernel = bool(opt.average_conv_kernel)
+    if opt.backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {opt.backend!r} (one of {', '.join(map(repr, BACKENDS))})")
+    return tuple(getattr(opt, name) for name in SETTINGS)
 
 
 def _validate_hyperparameters(group: dict[str, Any]) -> None:

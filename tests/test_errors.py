@@ -70,6 +70,98 @@ def test_gradient_without_graph_gets_zero_curvature_and_one_warning(backend):
     assert (opt.state[w]["hessian"] != 0).all()
 
 
+class OnceDifferentiableSquaredError(torch.autograd.Function):
+    """A loss with a hand-written backward that has no double backward, as fused loss
+    kernels are."""
+
+    @staticmethod
+    def forward(ctx, prediction, target):
+        ctx.save_for_backward(prediction, target)
+        return ((prediction - target) ** 2).mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        prediction, target = ctx.saved_tensors
+        return grad * 2 * (prediction - target) / prediction.numel(), None
+
+
+def _ours(caught):
+    return [str(c.message) for c in caught if "AdaHessian" in str(c.message)]
+
+
+def _step_recording_warnings(opt, loss):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss.backward(create_graph=True)
+        opt.step()
+    return _ours(caught)
+
+
+CAUSES = ("linear", "autograd.Function", "once_differentiable", ".detach()", "no_grad")
+
+
+def test_create_graph_without_double_backward_gives_zero_curvature_and_names_the_causes(backend):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = AdaHessian(model.parameters(), lr=0.1, update_each=2, backend=backend)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    ours = _step_recording_warnings(opt, OnceDifferentiableSquaredError.apply(model(x), y))
+    assert len(ours) == 1 and all(cause in ours[0] for cause in CAUSES), ours
+    assert "create_graph=True" in ours[0] and "(1, 4)" in ours[0] and "(1,)" in ours[0]
+    assert "does not depend" not in ours[0]
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(opt.state[p]["hessian"], torch.zeros_like(p)) and not torch.equal(p, b)
+
+
+def test_the_warning_never_blames_the_gradient_for_not_depending_on_parameters(backend):
+    torch.manual_seed(0)
+    trunk, heads = torch.nn.Linear(4, 6), torch.nn.ModuleList([torch.nn.Linear(6, 1), torch.nn.Linear(6, 1)])
+    opt = AdaHessian(list(trunk.parameters()) + list(heads.parameters()), lr=0.01, backend=backend)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    h = torch.tanh(trunk(x))
+    loss = sum(OnceDifferentiableSquaredError.apply(head(h), y) for head in heads)
+    ours = _step_recording_warnings(opt, loss)
+    # The heads' biases have gradients without a graph (the loss's backward has no
+    # double backward), though they depend on every parameter.
+    assert len(ours) == 1 and "once_differentiable" in ours[0] and "does not depend" not in ours[0]
+
+
+def test_a_loss_linear_in_the_parameters_has_exactly_zero_curvature(backend):
+    model = torch.nn.Linear(3, 2)
+    opt = AdaHessian(model.parameters(), lr=0.1, update_each=2, backend=backend)
+    ours = _step_recording_warnings(opt, model(torch.randn(5, 3)).sum())
+    assert len(ours) == 1 and "linear" in ours[0]
+    assert all(opt.state[p]["step"] == 1 and not opt.state[p]["hessian"].any() for p in model.parameters())
+
+
+def test_zero_size_parameters_need_no_curvature_and_trigger_no_warning(backend):
+    w, empty = _w(), torch.nn.Parameter(torch.zeros(0, 3))
+    opt = AdaHessian([w, empty], backend=backend)
+    assert _step_recording_warnings(opt, (w**4).sum() + empty.sum()) == []
+    assert opt.state[w]["step"] == 1
+
+
+def test_a_gradient_set_by_hand_without_graph_is_the_users_to_fix(backend):
+    w = _w()
+    opt = AdaHessian([w], backend=backend)
+    w.grad = torch.ones(3)  # no backward ran: nothing says create_graph was asked for
+    with pytest.raises(RuntimeError, match=r"create_graph=True"):
+        opt.step()
+
+
+def test_a_plain_backward_after_a_create_graph_one_is_the_users_to_fix(backend):
+    w = _w()
+    opt = AdaHessian([w], backend=backend)
+    (w**4).sum().backward(create_graph=True)
+    opt.step()
+    opt.zero_grad()
+    (w**4).sum().backward()  # a Hessian step is due: the graph is missing, and the user can tell why
+    with pytest.raises(RuntimeError, match=r"computed without one: call loss.backward\(create_graph=True\)"):
+        opt.step()
+
+
 def test_parameter_whose_first_gradient_arrives_between_hessian_steps_waits(backend):
     w, late = _w(), torch.nn.Parameter(torch.ones(2))
     opt = AdaHessian([w, late], update_each=3, backend=backend)

@@ -71,8 +71,13 @@ def test_counters_and_seed_are_plain_ints(backend):
     model, opt = _make(backend)
     _train(model, opt, _batches(4))
     sd = opt.state_dict()
-    assert sd["adahessian"] == {"step": 4, "counter": 4, "seed": 99}
-    assert all(type(v) is int for v in sd["adahessian"].values())
+    saved = dict(sd["adahessian"])
+    hessian_scale = saved.pop("hessian_scale")
+    assert saved == {"step": 4, "hessian_origin": 0, "counter": 4, "seed": 99, "update_each": 3, "n_samples": 2,
+                     "average_conv_kernel": True, "backend": backend}
+    assert all(type(saved[k]) is int for k in ("step", "hessian_origin", "counter", "seed", "update_each", "n_samples"))
+    assert hessian_scale == {"scale": 1.0, "growth_tracker": 0, "backoffs": 0, "skipped_steps": 0, "consecutive_skips": 0}
+    assert type(hessian_scale["scale"]) is float
     assert all(type(s["step"]) is int for s in sd["state"].values())
     assert set(sd["state"][0]) == {"step", "exp_avg", "exp_hessian_diag_sq", "hessian"}
 
