@@ -21,12 +21,26 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 BUCKET_ELEMENTS = 64 * 1024 * 1024
 
 WORLD = "world"
+# What a copy (deepcopy, pickle) of an optimizer holds instead of a ProcessGroup object,
+# which cannot be copied.
+NOT_COPIED = "<a ProcessGroup object, not copied>"
+
+
+def picklable(process_group):
+    """``process_group`` as a copy of the optimizer keeps it."""
+    return process_group if process_group is None or process_group == WORLD else NOT_COPIED
 
 
 def resolve_group(process_group):
     """The process group to average over, or None for single-process training."""
     if process_group is None:
         return None
+    if process_group == NOT_COPIED:
+        raise RuntimeError(
+            "AdaHessian: this optimizer is a copy (deepcopy or pickle) of one that was given a "
+            "ProcessGroup object, which cannot be copied: set optimizer.process_group = group "
+            "again before its first step."
+        )
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "AdaHessian(process_group=...) needs torch.distributed to be initialised: call "

@@ -3,6 +3,7 @@ them to the functional core (:mod:`adahessian.functional`)."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -14,10 +15,29 @@ from torch.optim import Optimizer
 from . import amp, backends, distributed, functional, hutchinson, sampler
 
 BACKENDS = ("auto", "fused", "reference")
-# Optimizer-wide settings a user may change between steps (README, "Changing settings");
-# a change of those that shape D makes the next step a Hessian step.
+# Optimizer-wide settings: kept in `defaults` and in every param group (as torch keeps
+# `foreach` and `fused`), equal in all; read and changed through the attributes of the
+# same names (README, "Where settings and counters live"). A change of those that shape
+# D makes the next step a Hessian step.
 SHAPE_D = ("update_each", "n_samples", "average_conv_kernel")
-SETTINGS = (*SHAPE_D, "backend")
+SETTINGS = (*SHAPE_D, "backend", "seed")
+# Optimizer-level counters, also in every param group (plain ints and a dict of them):
+# steps taken, the step from which Hessian steps are counted (the last change of a
+# setting that shapes D), Rademacher vectors drawn per parameter so far (the sampler's
+# `counter`), and the record of the Hessian-vector product's loss-scale factor.
+COUNTERS = ("optimizer_step", "hessian_origin", "rademacher_counter", "hessian_scale")
+
+
+def _setting(name: str, doc: str) -> property:
+    def get(self: AdaHessian) -> Any:
+        return (self.param_groups[0] if self.param_groups else self.defaults)[name]
+
+    def set_(self: AdaHessian, value: Any) -> None:
+        self.defaults[name] = value
+        for group in self.param_groups:
+            group[name] = value
+
+    return property(get, set_, doc=doc)
 
 
 class AdaHessian(Optimizer):
@@ -26,10 +46,16 @@ class AdaHessian(Optimizer):
 
     Arguments and defaults are the original pure-Python implementation's; ``backend``,
     ``seed`` and ``process_group`` are keyword-only additions. See the README for the
-    full table.
+    full table. Raises ValueError for invalid values (README, "Arguments").
     """
 
     _step_supports_amp_scaling = True
+
+    update_each = _setting("update_each", "Recompute the Hessian diagonal every this many steps (int >= 1).")
+    n_samples = _setting("n_samples", "Rademacher vectors averaged per Hessian estimate (int >= 1).")
+    average_conv_kernel = _setting("average_conv_kernel", "Average |D| over each conv kernel's spatial positions.")
+    backend = _setting("backend", '"auto", "fused" or "reference" (README, "Backends").')
+    seed = _setting("seed", "Seed of the counter-based Rademacher sampler, in [0, 2**32).")
 
     def __init__(
         self,
@@ -47,34 +73,29 @@ class AdaHessian(Optimizer):
         seed: int = 2147483647,
         process_group: Any = None,
     ) -> None:
-        if not (isinstance(seed, int) and 0 <= seed < 2**32):
-            raise ValueError(f"Invalid seed: {seed} (an int in [0, 2**32))")
-        # Optimizer-wide settings, as in the original (not per group, not in `defaults`).
-        self.update_each = update_each
-        self.n_samples = n_samples
-        self.average_conv_kernel = average_conv_kernel
-        self.backend = backend
-        self._settings = _validate_settings(self)
-        self.seed = seed
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
+            update_each=update_each, n_samples=n_samples, average_conv_kernel=bool(average_conv_kernel),
+            backend=backend, seed=seed,
+        )
+        _validate_hyperparameters(defaults)
+        _validate_settings(defaults)
+        self._init_runtime(process_group)
+        super().__init__(params, defaults)
+        self._settings = _validate_settings(self.param_groups[0])
+
+    def _init_runtime(self, process_group: Any) -> None:
+        """What the optimizer keeps besides `defaults`, `state` and `param_groups`: made
+        anew by the constructor, and by unpickling and deepcopy (which save none of it)."""
         # torch.distributed: a ProcessGroup, "world" (the default group) or None.
         self.process_group = process_group
         self._group = None
         self._group_checked = False
-        # Optimizer-level counters (plain ints, saved by state_dict): steps taken, the
-        # step from which Hessian steps are counted (the last change of a setting that
-        # shapes D), and Rademacher vectors drawn per parameter so far (the sampler's
-        # `counter`).
-        self._step_count_total = 0
-        self._hessian_origin = 0
-        self._rademacher_counter = 0
         self._hessian_scale = amp.HessianScale()
         self._grad_scaler = None
         self._warned_no_graph: set[int] = set()
         self._backend_cache: dict[tuple[torch.device, str], str] = {}
         self._backward_modes = hutchinson.BackwardModes()
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power)
-        _validate_hyperparameters(defaults)
-        super().__init__(params, defaults)
         self._backward_modes.bind(self)
 
     # ----------------------------------------------------------------- public API
@@ -88,31 +109,55 @@ class AdaHessian(Optimizer):
         ``average_conv_kernel`` (the next step after a change is a Hessian step, as in a
         fresh run with the new settings)."""
         self._sync_settings()
-        return (self._step_count_total - self._hessian_origin) % self.update_each == 0
+        return (self._counter("optimizer_step") - self._counter("hessian_origin")) % self.update_each == 0
 
     def attach_grad_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
         """Tell the optimizer which ``torch.amp.GradScaler`` scales its loss (None
         detaches). Needed only for ``scaler.unscale_(optimizer)`` before
         ``scaler.step(optimizer)`` (gradient clipping): ``unscale_`` unscales the
         gradients, and the Hessian-vector products, which carry the loss scale too, are
-        then unscaled by the scaler's current scale. Not saved in ``state_dict``."""
+        then unscaled by the scaler's current scale. Not saved in ``state_dict``, nor by
+        deepcopy or pickle."""
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"attach_grad_scaler expects a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         self._grad_scaler = scaler
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        """torch.optim's, plus AdaHessian's checks, all made before the group is added
+        (a refused group leaves the optimizer unchanged): hyperparameters (ValueError),
+        optimizer-wide settings equal to the other groups' (ValueError), no complex
+        parameter (RuntimeError), and the backend available on the parameters' device
+        (RuntimeError for backend="fused"; meta tensors are checked at step())."""
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # torch's own check refuses sets, with its message
+            params = list(params)
+        param_group["params"] = params
+        group = {**self.defaults, **param_group}
         _validate_hyperparameters(group)
-        first = len(self._flat_params()) - len(group["params"])
-        for i, p in enumerate(group["params"]):
-            if p.is_complex():
+        _validate_settings(group)
+        if self.param_groups:
+            differ = [name for name in SETTINGS if group[name] != getattr(self, name)]
+            if differ:
+                raise ValueError(
+                    f"AdaHessian: {', '.join(differ)} must be the same in every param group (an optimizer-wide "
+                    f"setting); change it for all groups with optimizer.{differ[0]} = value"
+                )
+        for p in params if isinstance(params, list) else ():
+            if torch.is_tensor(p) and p.is_complex():
                 raise RuntimeError(
                     "AdaHessian does not support complex parameters (the Hessian diagonal of a "
                     "real loss in complex variables is not what its update assumes); optimize "
                     "torch.view_as_real(param) instead."
                 )
-            self._backend_for(p.device)  # backend="fused" fails here, not at the first step
+            if torch.is_tensor(p) and p.device.type != "meta":
+                self._backend_for(p.device, group["backend"])  # backend="fused" fails here, not at step()
+        for name in COUNTERS:
+            param_group[name] = _initial_counter(name) if not self.param_groups else copy.deepcopy(self._counter(name))
+        first = len(self._flat_params())
+        super().add_param_group(param_group)
+        for i, p in enumerate(self.param_groups[-1]["params"]):
             self._backward_modes.watch(first + i, p)
 
     @torch.no_grad()
@@ -129,68 +174,107 @@ class AdaHessian(Optimizer):
             self._release_graphs()
         return loss
 
-    def state_dict(self) -> dict[str, Any]:
-        state_dict = super().state_dict()
-        state_dict["adahessian"] = {
-            "step": self._step_count_total,
-            "hessian_origin": self._hessian_origin,
-            "counter": self._rademacher_counter,
-            "seed": self.seed,
-            **{name: getattr(self, name) for name in SETTINGS},
-            "hessian_scale": self._hessian_scale.state_dict(),
-        }
-        return state_dict
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        counters = state_dict.pop("adahessian", None)
-        super().load_state_dict(state_dict)
-        if counters is not None:
-            self._step_count_total = int(counters["step"])
-            self._hessian_origin = int(counters.get("hessian_origin", 0))
-            self._rademacher_counter = int(counters["counter"])
-            self.seed = int(counters["seed"])
-            # Saved settings win over the constructor's, as torch.optim's hyperparameters
-            # do (state dicts from before they were saved keep the constructor's).
+        """torch.optim's. The settings and counters saved in the param groups win over
+        the constructor's; a state dict saved by an earlier version (counters under a
+        top-level "adahessian" key) loads too."""
+        # torch casts every state tensor to its parameter's dtype; m, v and D of a
+        # bfloat16/float16 parameter stay float32 (SPEC section 3): __setstate__ re-reads
+        # them from the dict that is loaded, i.e. after every pre hook (ours runs last).
+        loading: list[dict[str, Any]] = []
+        handle = self.register_load_state_dict_pre_hook(lambda _, loaded: loading.append(loaded))
+        self._loading = loading
+        try:
+            super().load_state_dict(_upgrade(state_dict, self.defaults))
+        finally:
+            handle.remove()
+            del self._loading
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        # A ProcessGroup object cannot be pickled: "world" and None travel as they are;
+        # a copy of an optimizer with another group must be given it again (README).
+        state["process_group"] = distributed.picklable(self.process_group)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling and deepcopy, and the end of ``load_state_dict``: missing settings
+        and counters are filled in, and the runtime is rebuilt."""
+        process_group = state.pop("process_group", None)
+        unpickled = "_backend_cache" not in self.__dict__
+        super().__setstate__(state)
+        for group in self.param_groups:
             for name in SETTINGS:
-                if name in counters:
-                    setattr(self, name, counters[name])
-            self._settings = _validate_settings(self)
-            self._hessian_scale.load_state_dict(counters.get("hessian_scale", {}))
+                group.setdefault(name, self.defaults[name])
+            for name in COUNTERS:
+                group.setdefault(name, _initial_counter(name))
+        self.defaults.update({name: self.param_groups[0][name] for name in SETTINGS})
+        if unpickled:
+            self._init_runtime(process_group)
+            for i, p in enumerate(self._flat_params()):
+                self._backward_modes.watch(i, p)
+        if self.__dict__.get("_loading"):
+            self._restore_state_dtypes(self._loading[-1])
+        self._hessian_scale.load_state_dict(self._counter("hessian_scale"))
+        self._settings = _validate_settings(self.param_groups[0])
         self._group_checked = False  # re-check that the ranks agree on the loaded counters
-        # Optimizer.load_state_dict casts every state tensor to its parameter's dtype;
-        # a bfloat16/float16 parameter's state stays float32 (SPEC section 3).
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+
+    def _restore_state_dtypes(self, loaded: dict[str, Any]) -> None:
+        """After torch's casts: ``step`` as a Python int (torch's own format stores a
+        tensor), and float32 m, v and D for bfloat16/float16 parameters, from ``loaded``."""
+        saved_ids = [i for group in loaded["param_groups"] for i in group["params"]]
         for saved_id, p in zip(saved_ids, self._flat_params()):
-            dtype = functional.state_dtype(p)
-            if dtype == p.dtype or saved_id not in state_dict["state"]:
+            state = self.state.get(p)
+            if not state:
                 continue
-            for key, value in state_dict["state"][saved_id].items():
-                if isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device, dtype=dtype)
+            if isinstance(state.get("step"), Tensor):
+                state["step"] = int(state["step"].item())
+            dtype = functional.state_dtype(p)
+            if dtype != p.dtype:
+                for key, value in loaded["state"][saved_id].items():
+                    if isinstance(value, Tensor) and key != "step":
+                        state[key] = value.to(device=p.device, dtype=dtype)
 
     # ------------------------------------------------------------------ internals
 
     def _flat_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _backend_for(self, device: torch.device) -> str:
-        backend = self._backend_cache.get((device, self.backend))
+    def _counter(self, name: str) -> Any:
+        return self.param_groups[0][name]
+
+    def _set_counter(self, name: str, value: Any) -> None:
+        for group in self.param_groups:
+            group[name] = copy.deepcopy(value) if isinstance(value, dict) else value
+
+    def _backend_for(self, device: torch.device, requested: str | None = None) -> str:
+        """The backend that runs on ``device`` for the ``requested`` one (default: the
+        optimizer's), resolved once per pair (``auto`` warns once)."""
+        key = (device, requested or self.backend)
+        backend = self._backend_cache.get(key)
         if backend is None:
-            backend = backends.resolve(self.backend, device)
-            self._backend_cache[(device, self.backend)] = backend
+            backend = self._backend_cache[key] = backends.resolve(key[1], device)
         return backend
 
     def _sync_settings(self) -> None:
-        """Validate the optimizer-wide settings when they changed since the last look; a
-        change of one that shapes D restarts the count of Hessian steps here."""
-        settings = tuple(getattr(self, name) for name in SETTINGS)
+        """Validate the optimizer-wide settings when they changed since the last look
+        (ValueError: a bad value, or groups that disagree); a change of one that shapes
+        D restarts the count of Hessian steps here."""
+        first = self.param_groups[0]
+        for group in self.param_groups[1:]:
+            differ = [name for name in SETTINGS if group[name] != first[name]]
+            if differ:
+                raise ValueError(
+                    f"AdaHessian: the param groups disagree on {', '.join(differ)}, an optimizer-wide setting; "
+                    f"set it for all groups with optimizer.{differ[0]} = value"
+                )
+        settings = tuple(first[name] for name in SETTINGS)
         if settings == self._settings:
             return
         shapes_d = settings[: len(SHAPE_D)] != self._settings[: len(SHAPE_D)]
-        self._settings = _validate_settings(self)
+        self._settings = _validate_settings(first)
         if shapes_d:
-            self._hessian_origin = self._step_count_total
+            self._set_counter("hessian_origin", self._counter("optimizer_step"))
         self._group_checked = False  # the ranks must agree on the new values
 
     def _step(self) -> None:
@@ -199,6 +283,11 @@ class AdaHessian(Optimizer):
         hessian_step = self.hessian_due
         entries, grads = self._gather(every_trainable=group is not None)
         if not entries:
+            return
+        if self._initialises_state(entries, grads):
+            for _, _, p in entries:
+                if not self.state[p]:
+                    self.state[p].update(step=0, exp_avg=_zeros_like_state(p), exp_hessian_diag_sq=_zeros_like_state(p))
             return
         estimate, overflow = self._estimate(entries, grads, scale) if hessian_step else (None, None)
         # GradScaler semantics, decided here alone: a step with an inf/NaN in the
@@ -216,9 +305,21 @@ class AdaHessian(Optimizer):
             return
 
         self._update(entries, grads, estimate, grad_scale)
-        self._step_count_total += 1
+        self._set_counter("optimizer_step", self._counter("optimizer_step") + 1)
         if hessian_step:
-            self._rademacher_counter += self.n_samples
+            self._set_counter("rademacher_counter", self._counter("rademacher_counter") + self.n_samples)
+
+    def _initialises_state(self, entries, grads) -> bool:
+        """Is this torch.distributed.checkpoint making the state (its
+        ``_init_optim_state``: one step, every lr set to 0, on zero gradients set by hand)?
+        Then the step only creates the state a first step would, and counts nothing, so
+        that a checkpoint of a fresh optimizer resumes as a fresh run."""
+        if any(float(group["lr"]) != 0.0 for group in self.param_groups):
+            return False
+        return all(
+            grad is None or (not grad.requires_grad and idx not in self._backward_modes.modes and not grad.any())
+            for (_, idx, _), grad in zip(entries, grads)
+        )
 
     def _gather(self, every_trainable: bool) -> tuple[list[tuple[int, int, Tensor]], list[Tensor | None]]:
         """(group index, flat parameter index, parameter) of every parameter with a
@@ -311,7 +412,8 @@ class AdaHessian(Optimizer):
         if self.n_samples > 1:
             partial_sums = [torch.zeros_like(p, dtype=functional.state_dtype(p)) for p in params]
         for s in range(self.n_samples):
-            keys = [sampler.rademacher_key(self.seed, idx, self._rademacher_counter + s) for _, idx, _ in entries]
+            counter = self._counter("rademacher_counter") + s
+            keys = [sampler.rademacher_key(self.seed, idx, counter) for _, idx, _ in entries]
             zs: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
             for device, ns in by_device.items():
                 sampled = functional.sample_rademacher(
@@ -332,6 +434,8 @@ class AdaHessian(Optimizer):
                     )
         if overflow is not None and overflow is not amp.Overflow.GRADIENTS:
             self._hessian_scale.finished(ok=overflow is amp.Overflow.NONE)
+        if overflow is not None:
+            self._set_counter("hessian_scale", self._hessian_scale.state_dict())
         return Estimate(zs, keys, hzs, partial_sums), overflow
 
     def _hessian_vector_products(self, grads, params, zs, graph, scale, *, retain_graph):
@@ -369,8 +473,8 @@ class AdaHessian(Optimizer):
     def _sync_fingerprint(self) -> dict[str, int]:
         return {
             "seed": self.seed,
-            "step counter": self._step_count_total,
-            "Rademacher counter": self._rademacher_counter,
+            "step counter": self._counter("optimizer_step"),
+            "Rademacher counter": self._counter("rademacher_counter"),
             "update_each": self.update_each,
             "n_samples": self.n_samples,
             "number of parameters": len(self._flat_params()),
@@ -451,22 +555,55 @@ def _empty_lists() -> dict[str, list]:
     return {k: [] for k in keys}
 
 
-def _validate_settings(opt: AdaHessian) -> tuple:
-    """Check the optimizer-wide settings (ValueError naming the bad one); their tuple."""
-    if not (isinstance(opt.update_each, int) and opt.update_each >= 1):
-        raise ValueError(f"Invalid update_each: {opt.update_each} (an int >= 1)")
-    if not (isinstance(opt.n_samples, int) and opt.n_samples >= 1):
-        raise ValueError(f"Invalid n_samples: {opt.n_samples} (an int >= 1)")
-    opt.average_conv_kernel = bool(opt.average_conv_kernel)
-    if opt.backend not in BACKENDS:
-        raise ValueError(f"Invalid backend: {opt.backend!r} (one of {', '.join(map(repr, BACKENDS))})")
-    return tuple(getattr(opt, name) for name in SETTINGS)
+def _initial_counter(name: str) -> Any:
+    return amp.HessianScale().state_dict() if name == "hessian_scale" else 0
+
+
+def _upgrade(state_dict: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A state dict of an earlier version (counters and seed, later settings too, in a
+    top-level "adahessian" key) in today's layout (all in the param groups); settings
+    it lacks are today's."""
+    if "adahessian" not in state_dict:
+        return state_dict
+    saved = state_dict["adahessian"]
+    values = {name: saved.get(name, defaults[name]) for name in SETTINGS}
+    values.update(
+        optimizer_step=int(saved["step"]), hessian_origin=int(saved.get("hessian_origin", 0)),
+        rademacher_counter=int(saved["counter"]),
+        hessian_scale=dict(saved.get("hessian_scale", _initial_counter("hessian_scale"))),
+    )
+    groups = [{**group, **values} for group in state_dict["param_groups"]]
+    return {**{k: v for k, v in state_dict.items() if k != "adahessian"}, "param_groups": groups}
+
+
+def _validate_settings(group: dict[str, Any]) -> tuple:
+    """Check the optimizer-wide settings in ``group`` (ValueError naming the bad one);
+    their tuple."""
+    update_each, n_samples, seed, backend = group["update_each"], group["n_samples"], group["seed"], group["backend"]
+    if not (isinstance(update_each, int) and update_each >= 1):
+        raise ValueError(f"Invalid update_each: {update_each} (an int >= 1)")
+    if not (isinstance(n_samples, int) and n_samples >= 1):
+        raise ValueError(f"Invalid n_samples: {n_samples} (an int >= 1)")
+    if not isinstance(group["average_conv_kernel"], bool):
+        raise ValueError(f"Invalid average_conv_kernel: {group['average_conv_kernel']!r} (a bool)")
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r} (one of {', '.join(map(repr, BACKENDS))})")
+    if not (isinstance(seed, int) and 0 <= seed < 2**32):
+        raise ValueError(f"Invalid seed: {seed} (an int in [0, 2**32))")
+    return tuple(group[name] for name in SETTINGS)
 
 
 def _validate_hyperparameters(group: dict[str, Any]) -> None:
     lr, eps, betas, hessian_power = group["lr"], group["eps"], group["betas"], group["hessian_power"]
+    if isinstance(lr, Tensor):
+        raise ValueError(
+            f"Invalid learning rate: a tensor ({lr!r}); AdaHessian takes lr as a Python float "
+            "(its step is not capturable, so a tensor lr buys nothing): pass float(lr)"
+        )
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= group["weight_decay"]:
+        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")
     if not 0.0 <= betas[0] < 1.0:

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.distributed as dist
 
 from adahessian import backends
 
@@ -18,3 +19,11 @@ BACKENDS = ["reference", _fused_param()]
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """torch.distributed initialised in this process: one gloo rank (a file store)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield "world"
+    dist.destroy_process_group()

@@ -80,17 +80,21 @@ def test_resume_then_change(backend):
     record = _steps(model, resumed, 4, 9)
     assert _every_parameter_moves_on_every_step(record), record
     assert [due for due, _ in record] == [i % 3 == 0 for i in range(9)]
-    assert resumed.state_dict()["adahessian"]["update_each"] == 3
+    assert all(group["update_each"] == 3 for group in resumed.state_dict()["param_groups"])
 
 
 def test_a_state_dict_without_settings_keeps_the_constructors_and_adapts(backend):
-    # State dicts saved before the settings were: the constructor's values stand, and D
-    # is created at the first Hessian step that needs it.
+    # State dicts saved before the settings were (the counters and seed in a top-level
+    # "adahessian" key): the constructor's values stand, and D is created at the first
+    # Hessian step that needs it.
     model = _model()
     opt = AdaHessian(model.parameters(), lr=0.02, update_each=1, backend=backend)
     _steps(model, opt, 0, 4)
     saved = copy.deepcopy(opt.state_dict())
-    saved["adahessian"] = {k: saved["adahessian"][k] for k in ("step", "counter", "seed")}
+    group = saved["param_groups"][0]
+    saved["adahessian"] = {"step": group["optimizer_step"], "counter": group["rademacher_counter"], "seed": group["seed"]}
+    saved["param_groups"] = [{k: v for k, v in g.items() if k in ("params", "lr", "betas", "eps", "weight_decay", "hessian_power")}
+                             for g in saved["param_groups"]]
     resumed = AdaHessian(model.parameters(), lr=0.02, update_each=3, backend=backend)
     resumed.load_state_dict(saved)
     assert resumed.update_each == 3

@@ -67,17 +67,20 @@ def test_resume_continues_bit_for_bit(backend):
     assert opt_c.state[model_c.head.weight]["exp_avg"].dtype == torch.float32
 
 
-def test_counters_and_seed_are_plain_ints(backend):
+def test_settings_and_counters_live_in_every_param_group_as_plain_values(backend):
     model, opt = _make(backend)
     _train(model, opt, _batches(4))
     sd = opt.state_dict()
-    saved = dict(sd["adahessian"])
-    hessian_scale = saved.pop("hessian_scale")
-    assert saved == {"step": 4, "hessian_origin": 0, "counter": 4, "seed": 99, "update_each": 3, "n_samples": 2,
-                     "average_conv_kernel": True, "backend": backend}
-    assert all(type(saved[k]) is int for k in ("step", "hessian_origin", "counter", "seed", "update_each", "n_samples"))
-    assert hessian_scale == {"scale": 1.0, "growth_tracker": 0, "backoffs": 0, "skipped_steps": 0, "consecutive_skips": 0}
-    assert type(hessian_scale["scale"]) is float
+    assert "adahessian" not in sd and set(sd) == {"state", "param_groups"}
+    for group in sd["param_groups"]:
+        ours = {k: group[k] for k in ("optimizer_step", "hessian_origin", "rademacher_counter", "seed", "update_each",
+                                      "n_samples", "average_conv_kernel", "backend")}
+        assert ours == {"optimizer_step": 4, "hessian_origin": 0, "rademacher_counter": 4, "seed": 99, "update_each": 3,
+                        "n_samples": 2, "average_conv_kernel": True, "backend": backend}
+        assert all(type(group[k]) is int for k in ("optimizer_step", "hessian_origin", "rademacher_counter", "seed"))
+        assert group["hessian_scale"] == {"scale": 1.0, "growth_tracker": 0, "backoffs": 0, "skipped_steps": 0,
+                                          "consecutive_skips": 0}
+        assert type(group["hessian_scale"]["scale"]) is float
     assert all(type(s["step"]) is int for s in sd["state"].values())
     assert set(sd["state"][0]) == {"step", "exp_avg", "exp_hessian_diag_sq", "hessian"}
 

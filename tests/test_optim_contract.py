@@ -1,0 +1,245 @@
+"""The torch.optim contract (torch's own optimizer tests' themes, adapted to
+backward(create_graph=True)): settings and counters where torch's tools look, deepcopy
+and pickle, atomic add_param_group, state-dict hooks, distributed checkpoints."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+from adahessian import AdaHessian
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 3)
+        self.fc = torch.nn.Linear(3 * 4 * 4, 2)
+        self.head = torch.nn.Linear(2, 2).to(torch.bfloat16)
+
+    def forward(self, x):
+        return self.head(self.fc(torch.tanh(self.conv(x)).flatten(1)).to(torch.bfloat16)).float()
+
+
+def _make(backend, **options):
+    torch.manual_seed(0)
+    model = Net()
+    options = dict(dict(update_each=3, n_samples=2, average_conv_kernel=True, seed=99), **options)
+    opt = AdaHessian(
+        [{"params": [model.conv.weight, model.conv.bias], "lr": 0.05},
+         {"params": list(model.fc.parameters()) + list(model.head.parameters()), "weight_decay": 0.01}],
+        backend=backend, **options,
+    )
+    return model, opt
+
+
+def _batches(n, first=0):
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(5, 1, 6, 6, generator=g), torch.randint(0, 2, (5,), generator=g)) for _ in range(first + n)]
+    return batches[first:]
+
+
+def _train(model, opt, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward(create_graph=opt.hessian_due)
+        opt.step()
+
+
+def _assert_same(model_a, model_b):
+    for (name, p), q in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.equal(p, q), name
+
+
+def _twin(model, backend):
+    """A copy of ``model`` with a new optimizer built with the constructor's defaults:
+    whatever it loads must bring the settings (update_each=3, seed=99, ...) along."""
+    twin = copy.deepcopy(model)
+    opt = AdaHessian(
+        [{"params": [twin.conv.weight, twin.conv.bias]},
+         {"params": list(twin.fc.parameters()) + list(twin.head.parameters())}],
+        backend=backend,
+    )
+    return twin, opt
+
+
+def _uninterrupted(backend, steps=9):
+    model, opt = _make(backend)
+    _train(model, opt, _batches(steps))
+    return model
+
+
+def _copy_by_pickle(pair):
+    return pickle.loads(pickle.dumps(pair))
+
+
+def _copy_by_torch_save(pair):
+    buffer = io.BytesIO()
+    torch.save(pair, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("copier", [copy.deepcopy, _copy_by_pickle, _copy_by_torch_save],
+                         ids=["deepcopy", "pickle", "torch.save"])
+def test_a_copy_of_model_and_optimizer_continues_identically(backend, copier):
+    model, opt = _make(backend)
+    _train(model, opt, _batches(4))
+    model_copy, opt_copy = copier((model, opt))
+    assert opt_copy.update_each == 3 and opt_copy.n_samples == 2 and opt_copy.seed == 99
+    assert opt_copy.average_conv_kernel and opt_copy.backend == backend
+    assert opt_copy.hessian_due == opt.hessian_due
+    _train(model_copy, opt_copy, _batches(5, first=4))
+    _assert_same(_uninterrupted(backend), model_copy)
+    # The copy's parameters are its own: the original's backward records stay apart.
+    assert opt_copy.param_groups[0]["params"][0] is model_copy.conv.weight
+
+
+def test_a_copied_optimizer_asks_for_a_process_group_object_again(one_rank_group):
+    import torch.distributed as dist
+
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = AdaHessian([w], backend="reference", process_group=dist.new_group([0]))
+    twin = copy.deepcopy(opt)
+    assert copy.deepcopy(AdaHessian([w], backend="reference", process_group="world")).process_group == "world"
+    with pytest.raises(RuntimeError, match=r"set optimizer.process_group"):
+        (twin.param_groups[0]["params"][0] ** 4).sum().backward(create_graph=True)
+        twin.step()
+
+
+def test_resume_from_state_and_param_groups_alone_is_bit_for_bit(backend):
+    model, opt = _make(backend)
+    _train(model, opt, _batches(4))
+    saved = copy.deepcopy(opt.state_dict())
+    model_b, opt_b = _twin(model, backend)
+    opt_b.load_state_dict({"state": saved["state"], "param_groups": saved["param_groups"]})
+    _train(model_b, opt_b, _batches(5, first=4))
+    _assert_same(_uninterrupted(backend), model_b)
+
+
+@pytest.mark.parametrize("when", ["trained", "fresh"])
+def test_distributed_checkpoint_round_trip_is_bit_for_bit(backend, one_rank_group, when):
+    steps = 4 if when == "trained" else 0
+    model, opt = _make(backend)
+    _train(model, opt, _batches(steps))
+    saved = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    # A fresh optimizer's state, made by the checkpoint helper, counts no step.
+    assert opt.param_groups[0]["optimizer_step"] == steps and opt.hessian_due == (steps % 3 == 0)
+    model_b, opt_b = _twin(model, backend)
+    set_optimizer_state_dict(model_b, opt_b, saved)
+    assert opt_b.state[model_b.head.weight]["exp_avg"].dtype == torch.float32
+    _train(model_b, opt_b, _batches(9 - steps, first=steps))
+    _assert_same(_uninterrupted(backend), model_b)
+
+
+def test_state_dict_hooks_see_and_change_what_torch_says(backend):
+    model, opt = _make(backend)
+    _train(model, opt, _batches(4))
+    seen = {}
+
+    def state_dict_post_hook(_, state_dict):
+        seen["saved counters"] = state_dict["param_groups"][0]["optimizer_step"]
+        state_dict["param_groups"][0]["note"] = "post-processed"
+        return state_dict
+
+    opt.register_state_dict_post_hook(state_dict_post_hook)
+    saved = opt.state_dict()
+    assert seen["saved counters"] == 4 and saved["param_groups"][0]["note"] == "post-processed"
+
+    model_b, opt_b = _make(backend)
+    head_id = len(opt_b.param_groups[0]["params"]) + 2  # head.weight's index in the state dict
+    marker = torch.full_like(saved["state"][head_id]["exp_avg"], 0.125)
+
+    def pre_hook(_, state_dict):
+        seen["loaded counters"] = state_dict["param_groups"][0]["optimizer_step"]
+        replaced = copy.deepcopy(state_dict)
+        replaced["state"][head_id]["exp_avg"] = marker
+        return replaced
+
+    def post_hook(optimizer):
+        state = optimizer.state[model_b.head.weight]
+        seen["after load"] = (optimizer.hessian_due, state["exp_avg"].dtype, state["exp_avg"][0, 0].item())
+
+    opt_b.register_load_state_dict_pre_hook(pre_hook)
+    opt_b.register_load_state_dict_post_hook(post_hook)
+    opt_b.load_state_dict(saved)
+    assert seen["loaded counters"] == 4
+    assert seen["after load"] == (opt.hessian_due, torch.float32, 0.125)
+    assert torch.equal(opt_b.state[model_b.head.weight]["exp_avg"], marker)
+
+
+@pytest.mark.parametrize("group,error,match", [
+    (dict(lr=-1.0), ValueError, "learning rate"),
+    (dict(weight_decay=-1.0), ValueError, "weight_decay"),
+    (dict(update_each=2), ValueError, "update_each must be the same in every param group"),
+    (dict(params=[torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))]), RuntimeError, "complex"),
+])
+def test_a_refused_group_leaves_no_trace(backend, group, error, match):
+    w, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.ones(2))
+    opt = AdaHessian([w], backend=backend)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=match):
+        opt.add_param_group({"params": [q], **group})
+    assert len(opt.param_groups) == 1 and opt.state_dict() == before
+    ((w**4).sum() + (q**4).sum()).backward(create_graph=True)
+    opt.step()
+    assert torch.equal(q.detach(), torch.ones(2))
+
+
+def test_a_later_group_inherits_changed_settings_and_the_counters(backend):
+    w, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    opt = AdaHessian([w], backend=backend)
+    (w**4).sum().backward(create_graph=True)
+    opt.step()
+    opt.update_each = 2
+    opt.add_param_group({"params": [q]})
+    assert opt.param_groups[1]["update_each"] == 2 and opt.param_groups[1]["optimizer_step"] == 1
+
+
+def test_groups_that_disagree_on_a_setting_are_refused_at_step():
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = AdaHessian([{"params": [w]}, {"params": [torch.nn.Parameter(torch.randn(2))]}], backend="reference")
+    opt.param_groups[1]["n_samples"] = 2
+    with pytest.raises(ValueError, match=r"disagree on n_samples.*optimizer.n_samples = value"):
+        opt.step()
+
+
+@pytest.mark.parametrize("lr", [torch.tensor(1e-3), torch.tensor([1e-3]), torch.tensor([1e-3, 1e-3])], ids=str)
+def test_tensor_lr_is_refused_with_a_value_error(lr):
+    with pytest.raises(ValueError, match="learning rate.*float"):
+        AdaHessian([torch.nn.Parameter(torch.randn(3))], lr=lr, backend="reference")
+
+
+def test_weight_decay_must_not_be_negative():
+    with pytest.raises(ValueError, match="Invalid weight_decay value: -1"):
+        AdaHessian([torch.nn.Parameter(torch.randn(3))], weight_decay=-1, backend="reference")
+
+
+def test_a_step_saved_as_a_tensor_is_read_as_an_int(backend):
+    model, opt = _make(backend)
+    _train(model, opt, _batches(4))
+    saved = copy.deepcopy(opt.state_dict())
+    for state in saved["state"].values():
+        state["step"] = torch.tensor(float(state["step"]))  # torch's own optimizers' format
+    model_b, opt_b = _twin(model, backend)
+    opt_b.load_state_dict(saved)
+    assert all(type(s["step"]) is int for s in opt_b.state.values())
+    _train(model_b, opt_b, _batches(5, first=4))
+    _assert_same(_uninterrupted(backend), model_b)
+
+
+def test_repr_shows_the_optimizer_wide_settings():
+    text = repr(AdaHessian([torch.nn.Parameter(torch.randn(3))], update_each=4, n_samples=2, seed=7,
+                           average_conv_kernel=True, backend="reference"))
+    for line in ("update_each: 4", "n_samples: 2", "seed: 7", "average_conv_kernel: True", "backend: reference"):
+        assert line in text
+
+
+def test_fused_backend_on_meta_parameters_is_accepted_at_construction():
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 2)
+    opt = AdaHessian(model.parameters(), backend="fused")
+    assert opt.backend == "fused"
