@@ -1,13 +1,20 @@
-"""Mixed precision: GradScaler's loss scale on the gradients and on Hz, and the
-optimizer's own back-off for Hessian-vector products that overflow.
+"""Mixed precision: the one place that decides GradScaler skips and unscales.
 
-A GradScaler multiplies the loss by S, so both the gradients and Hz carry S. The scaler
-sees only the gradients; Hz, typically larger, can overflow float16 while the gradients
-do not, and the scaler would then never back off. So the Hessian-vector product has its
-own factor ``c`` (a power of two, at most 1): its ``grad_outputs`` are ``z * c``, so the
-raw Hz carries ``S * c``. On a non-finite Hz, ``c`` backs off and the product is
-retried within the step; ``c`` grows back after a run of finite Hessian steps, as
-GradScaler's scale does (README, "Mixed precision").
+A GradScaler multiplies the loss by S, so both the gradients and Hz carry S. Here, and
+nowhere else, the gradients are divided by S in place (``p.grad`` is unscaled after
+``step()`` on every path, as after ``scaler.unscale_``), Hz is divided by S as it comes
+out of the Hessian-vector product, and a step is skipped when either is non-finite. The
+update kernels never see a loss scale.
+
+The scaler sees only the gradients; Hz, typically larger, can overflow float16 while
+the gradients do not, and the scaler would then never back off. So the Hessian-vector
+product has its own factor ``c`` (a power of two, at most 1): its ``grad_outputs`` are
+``z * c``, so the raw Hz carries ``S * c``. On a non-finite Hz, ``c`` backs off and the
+product is retried within the step; ``c`` grows back after a run of finite Hessian
+steps, as GradScaler's scale does (README, "Mixed precision").
+
+Host reads with a GradScaler: one per step (on a Hessian step, one per try of the
+product, which reads the scaler's flag too); none without one.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import warnings
 from enum import Enum
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 UNSCALED_MESSAGE = (
@@ -30,16 +38,15 @@ UNSCALED_MESSAGE = (
 class LossScale(NamedTuple):
     """What GradScaler left on the optimizer for this step.
 
-    ``grad_scale``: the scale the gradients still carry (None: unscaled, or no scaler);
-    the update divides gradients and Hz by it. ``found_inf``: GradScaler's flag (None
-    without a scaler). ``hz_ratio``: the factor that brings Hz (which carries the full
-    loss scale S) to the gradients' scale, ``grad_scale / S``: 1 before ``unscale_``,
-    ``1 / S`` after it. None when no scaler is involved (then nothing is checked).
+    ``scale``: the loss scale S that Hz carries (a 1-element float32 tensor; None without
+    a scaler: then nothing is unscaled or checked). ``grads_scaled``: the gradients carry
+    S too (False after ``scaler.unscale_``). ``found_inf``: GradScaler's flag for the
+    gradients (None without a scaler).
     """
 
-    grad_scale: Tensor | None
+    scale: Tensor | None
+    grads_scaled: bool
     found_inf: Tensor | None
-    hz_ratio: float | None
 
 
 def loss_scale(optimizer: Any, attached: Any) -> LossScale:
@@ -49,15 +56,70 @@ def loss_scale(optimizer: Any, attached: Any) -> LossScale:
     grad_scale = getattr(optimizer, "grad_scale", None)
     found_inf = getattr(optimizer, "found_inf", None)
     if found_inf is None:
-        return LossScale(None, None, None)
+        return LossScale(None, False, None)
     if grad_scale is not None:
-        return LossScale(grad_scale, found_inf, 1.0)
+        return LossScale(grad_scale, True, found_inf)
     # After scaler.unscale_: the gradients are unscaled (and maybe clipped), Hz is not.
     if attached is not None:
-        return LossScale(None, found_inf, 1.0 / attached.get_scale())
+        return LossScale(torch.tensor([attached.get_scale()], dtype=torch.float32), False, found_inf)
     if bool(found_inf):
-        return LossScale(None, found_inf, 1.0)  # skipped anyway: nothing to unscale
+        return LossScale(torch.ones(1), False, found_inf)  # skipped anyway: nothing to unscale
     raise RuntimeError(UNSCALED_MESSAGE)
+
+
+def skipped(scale: LossScale, overflow: Overflow | None) -> bool:
+    """The one decision whether a step is skipped (GradScaler semantics: nothing
+    changes): ``overflow``, the checked Hessian-vector product's outcome, read both
+    flags at once; without one, GradScaler's flag is read now (one host read)."""
+    if overflow is not None:
+        return overflow is not Overflow.NONE
+    return scale.found_inf is not None and bool(scale.found_inf)
+
+
+def unscale_gradients_(grads: list[Tensor], scale: LossScale) -> None:
+    """Divide the gradients by the loss scale, in place (so ``p.grad`` is unscaled after
+    ``step()``, as after ``scaler.unscale_``): the only place gradients are unscaled."""
+    if scale.scale is None or not scale.grads_scaled:
+        return
+    for device, tensors in _by_device(grads).items():
+        torch._foreach_mul_(tensors, scale.scale.to(device).double().reciprocal().float().reshape(()))
+
+
+def unscale_and_check_(tensors: list[Tensor], divisor: Tensor, found_inf: Tensor | None) -> Overflow:
+    """Divide ``tensors`` (Hz) by ``divisor`` in place, then check them for inf/NaN (after
+    the division: a divisor below 1 can overflow a finite value); one host read, which
+    reads GradScaler's ``found_inf`` too."""
+    for device, group in _by_device(tensors).items():
+        torch._foreach_mul_(group, divisor.to(device).double().reciprocal().float().reshape(()))
+    status = 2 * _nonfinite(tensors).to(torch.int32)
+    if found_inf is not None:
+        status += (found_inf.to(status.device).reshape(()) > 0).to(torch.int32)
+    status = int(status.item())
+    if status & 1:
+        return Overflow.GRADIENTS
+    return Overflow.HESSIAN if status else Overflow.NONE
+
+
+def any_nonfinite(tensors: list[Tensor]) -> bool:
+    """Does any tensor hold an inf or NaN? One host read."""
+    return bool(_nonfinite(tensors))
+
+
+def _nonfinite(tensors: list[Tensor]) -> Tensor:
+    """A 0-dim bool tensor (no host read): any inf or NaN in ``tensors``? One foreach
+    max-norm per device."""
+    norms = [n.reshape(1) for ts in _by_device(tensors).values() for n in torch._foreach_norm(ts, float("inf"))]
+    if not norms:
+        return torch.tensor(False)
+    device = norms[0].device
+    return torch.logical_not(torch.isfinite(torch.cat([n.to(device) for n in norms])).all())
+
+
+def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
+    groups: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups
 
 
 class Overflow(Enum):
@@ -66,11 +128,6 @@ class Overflow(Enum):
     NONE = 0
     GRADIENTS = 1  # GradScaler found an inf/NaN in the gradients: the step is skipped
     HESSIAN = 2  # Hz stayed non-finite through every back-off: the step is skipped
-
-
-def gradients_overflowed(scale: LossScale) -> bool:
-    """GradScaler's flag, read on the host (one synchronisation)."""
-    return scale.found_inf is not None and bool(scale.found_inf)
 
 
 class HessianScale:

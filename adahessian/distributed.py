@@ -75,6 +75,24 @@ def check_same_everywhere(group, values: dict[str, int], device: torch.device) -
         )
 
 
+def average_(group, params: list[Tensor], grads: list[Tensor | None], extra: list[Tensor]) -> tuple[list[Tensor], list[int]]:
+    """Average the gradients of ``params`` (None where this rank has none) and the
+    ``extra`` tensors (Hz, partial sums) across the ranks of ``group``, in place, in one
+    bucketed all-reduce with a presence flag per parameter riding along. Returns the
+    gradients (a rank without one gets the average, set as ``p.grad``: every rank leaves
+    with the same gradients) and the positions of the parameters some rank had a
+    gradient for (the others drop out of the step). Everything must be unscaled already:
+    ranks' loss scales may differ."""
+    present = torch.tensor([g is not None for g in grads], dtype=torch.float32, device=params[0].device)
+    grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+    all_reduce_mean_(grads + extra + [present], group)
+    keep = [n for n, flag in enumerate(present.tolist()) if flag > 0]
+    for n in keep:  # grads[n] shares p.grad's storage, so p.grad holds the average
+        if params[n].grad is None:
+            params[n].grad = grads[n]
+    return grads, keep
+
+
 def all_reduce_mean_(tensors: list[Tensor], group) -> None:
     """Average ``tensors`` across the ranks of ``group``, in place, with one collective
     per bucket of same-device, same-dtype tensors (issued together, then awaited)."""

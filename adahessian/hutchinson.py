@@ -1,19 +1,24 @@
-"""Hutchinson orchestration: the Hessian-vector products behind ``D = E[z * Hz]``.
-
-Python owns this part on every backend: it differentiates the gradients (built with
-``create_graph=True``) against Rademacher vectors through one ``torch.autograd.grad``
-call per sample, and turns autograd's failure modes into errors that say what to do.
+"""The Hutchinson estimate ``D = E[z * Hz]`` of the Hessian diagonal (docs/algorithm.md,
+section 1, step 1): Rademacher vectors from the pinned sampler, Hessian-vector products
+from the gradients' graph, one ``torch.autograd.grad`` call per sample over all
+parameters, on every backend. Also the record that tells a missing
+``create_graph=True`` (the user's to fix) from a gradient that has no graph although one
+was asked for, and autograd's failure modes turned into errors that say what to do.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-from . import functional
-from .amp import HessianScale, Overflow
+from . import amp, distributed, functional, sampler
+from .precision import state_dtype
 
 NO_GRAPH_MESSAGE = (
     "AdaHessian needs the graph of the gradients to compute Hessian-vector products, but "
@@ -21,73 +26,6 @@ NO_GRAPH_MESSAGE = (
     "optimizer.step() (or loss.backward(create_graph=optimizer.hessian_due) to pay for it "
     "only on the steps that recompute the Hessian)."
 )
-
-
-def no_graph_warning(shapes: str) -> str:
-    return (
-        f"AdaHessian: backward ran with create_graph=True, but the gradient of the "
-        f"parameter(s) of shape {shapes} has no autograd graph, so their Hessian rows are "
-        "taken as zero (D = 0; their update divides by eps alone). Possible causes: the loss "
-        "is linear in them (then D = 0 is exact); a custom torch.autograd.Function or fused "
-        "kernel without double backward (e.g. a backward marked @once_differentiable) on "
-        "the path from them to the loss; .detach() or torch.no_grad() inside the model."
-    )
-
-
-class BackwardModes:
-    """Whether each watched parameter's gradient was last accumulated by a backward with
-    ``create_graph=True`` (grad mode is on in the backward pass exactly then), recorded
-    by a post-accumulate-grad hook. Tells a missing ``create_graph`` (the user's fix)
-    from a gradient that has no graph although one was asked for (zero curvature, or a
-    part of the model without double backward)."""
-
-    def __init__(self) -> None:
-        self.modes: dict[int, bool] = {}
-        self._handles: list = []
-
-    def watch(self, index: int, param: Tensor) -> None:
-        if param.requires_grad and param.is_leaf:
-            self._handles.append(param.register_post_accumulate_grad_hook(functools.partial(_record, self.modes, index)))
-
-    def bind(self, owner: object) -> None:
-        """Remove the hooks when ``owner`` (the optimizer) is garbage-collected."""
-        weakref.finalize(owner, _remove, self._handles)
-
-
-def _record(modes: dict[int, bool], index: int, _param: Tensor) -> None:
-    modes[index] = torch.is_grad_enabled()
-
-
-def _remove(handles: list) -> None:
-    for handle in handles:
-        handle.remove()
-
-
-def scaled_hessian_vector_products(
-    grads: list[Tensor], params: list[Tensor], vectors: list[Tensor], *,
-    scale: HessianScale, hz_ratio: float, found_inf: Tensor | None,
-) -> tuple[list[Tensor], Overflow]:
-    """``H z`` under a loss scale, brought to the gradients' scale (``hz_ratio``, see
-    :class:`adahessian.amp.LossScale`), with ``scale``'s back-off on overflow (the
-    graph is retained for the retries; ``step()`` frees it). One host read per try."""
-    retries = 0
-    while True:
-        c = scale.scale
-        outputs = vectors if c == 1.0 else torch._foreach_mul(vectors, c)
-        hzs = hessian_vector_products(grads, params, outputs, retain_graph=True)
-        if hz_ratio / c != 1.0:
-            torch._foreach_mul_(hzs, hz_ratio / c)
-        flags = functional.nonfinite(hzs).to(torch.uint8) * 2
-        if found_inf is not None:
-            flags = flags + (found_inf.to(flags.device) > 0)
-        status = int(flags.item())
-        if status & 1:
-            return hzs, Overflow.GRADIENTS
-        if status == 0:
-            return hzs, Overflow.NONE
-        if retries == scale.RETRIES or not scale.back_off():
-            return hzs, Overflow.HESSIAN
-        retries += 1
 
 SDPA_MESSAGE = (
     "AdaHessian could not differentiate the gradients a second time: PyTorch's fused "
@@ -99,6 +37,128 @@ SDPA_MESSAGE = (
 )
 
 
+class Estimate(NamedTuple):
+    """A Hessian step's Hutchinson data, aligned with the step's parameter list: the
+    last sample's z (the parameters' dtype), its sampler keys and Hz (unscaled), and the
+    sum of ``z * Hz`` over the earlier samples (the state dtype; None when
+    ``n_samples == 1``)."""
+
+    zs: list[Tensor]
+    keys: list[int]
+    hzs: list[Tensor]
+    partial_sums: list[Tensor] | None
+
+    def select(self, ns: list[int]) -> Estimate:
+        """The estimate of the parameters at positions ``ns``."""
+        pick = [self.zs, self.keys, self.hzs, self.partial_sums]
+        return Estimate(*(None if xs is None else [xs[n] for n in ns] for xs in pick))
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors that distributed training averages across ranks."""
+        return self.hzs + (self.partial_sums or [])
+
+
+class GraphRecord:
+    """Whether each watched parameter's gradient was last accumulated by a backward with
+    ``create_graph=True`` (grad mode is on in the backward pass exactly then), recorded
+    by a post-accumulate-grad hook, and which parameters were warned about."""
+
+    def __init__(self) -> None:
+        self.create_graph: dict[int, bool] = {}
+        self.warned: set[int] = set()
+        self._handles: list = []
+
+    def watch(self, index: int, param: Tensor) -> None:
+        if param.requires_grad and param.is_leaf:
+            hook = functools.partial(_record, self.create_graph, index)
+            self._handles.append(param.register_post_accumulate_grad_hook(hook))
+
+    def bind(self, owner: object) -> None:
+        """Remove the hooks when ``owner`` (the optimizer) is garbage-collected."""
+        weakref.finalize(owner, _remove, self._handles)
+
+    def seen(self, index: int) -> bool:
+        return index in self.create_graph
+
+    def check(self, indices: list[int], params: list[Tensor], grads: list[Tensor | None], *, any_graph: bool) -> None:
+        """The rule for gradients without a graph on a Hessian step (README, "Gradients
+        without a graph"): after a backward without ``create_graph`` it is the user's to
+        fix (RuntimeError); after one with it, the Hessian rows are zero (D = 0) and one
+        warning per parameter names the possible causes. Where no hook saw the gradient
+        arrive (set by hand), a step with no graph at all is taken for the former."""
+        missing, plain = [], False
+        for idx, p, grad in zip(indices, params, grads):
+            if grad is None or has_graph(grad) or p.numel() == 0:
+                continue
+            created = self.create_graph.get(idx)
+            plain = plain or created is False or (created is None and not any_graph)
+            missing.append((idx, p))
+        if plain:
+            raise RuntimeError(NO_GRAPH_MESSAGE + distributed.ddp_hint())
+        new = [(idx, p) for idx, p in missing if idx not in self.warned]
+        if new:
+            self.warned.update(idx for idx, _ in new)
+            warnings.warn(_no_graph_warning(", ".join(str(tuple(p.shape)) for _, p in new)), stacklevel=5)
+
+
+def estimate(
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    indices: list[int],
+    *,
+    seed: int,
+    counter: int,
+    n_samples: int,
+    backend_for: Callable[[torch.device], str],
+    record: GraphRecord,
+    loss_scale: amp.LossScale,
+    hessian_scale: amp.HessianScale,
+) -> tuple[Estimate, amp.Overflow | None]:
+    """The Hutchinson estimate for ``params`` (their gradients ``grads``, None where a
+    rank has none; ``indices``: their positions in the optimizer's flat parameter list,
+    the sampler's ``param_index``), with sample ``s`` drawn at sampler counter
+    ``counter + s``. Under a loss scale, Hz is unscaled and checked, backing off on
+    overflow: the second result says whether the step overflowed (None without a
+    scale). Raises RuntimeError when the gradients have no graph (``record.check``) or
+    the graph has no double backward (fused attention)."""
+    graph = [n for n, grad in enumerate(grads) if grad is not None and has_graph(grad)]
+    record.check(indices, params, grads, any_graph=bool(graph))
+    by_device: dict[torch.device, list[int]] = {}
+    for n, p in enumerate(params):
+        by_device.setdefault(p.device, []).append(n)
+    partial_sums = [torch.zeros_like(p, dtype=state_dtype(p)) for p in params] if n_samples > 1 else None
+    for s in range(n_samples):
+        keys = [sampler.rademacher_key(seed, idx, counter + s) for idx in indices]
+        zs: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+        for device, ns in by_device.items():
+            sampled = functional.sample_rademacher([params[n] for n in ns], [keys[n] for n in ns], backend=backend_for(device))
+            for n, z in zip(ns, sampled):
+                zs[n] = z
+        hzs: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+        overflow = None
+        if graph:
+            args = ([grads[n] for n in graph], [params[n] for n in graph], [zs[n] for n in graph])
+            if loss_scale.scale is None:
+                graph_hzs = hessian_vector_products(*args, retain_graph=s < n_samples - 1)
+            else:
+                graph_hzs, overflow = _scaled_hessian_vector_products(*args, loss_scale=loss_scale, hessian_scale=hessian_scale)
+            for n, hz in zip(graph, graph_hzs):
+                hzs[n] = hz
+        # Gradients without a graph (or no gradient on this rank): zero Hessian rows.
+        hzs = [torch.zeros_like(p) if hz is None else hz for hz, p in zip(hzs, params)]
+        if overflow not in (None, amp.Overflow.NONE):
+            break  # the step is skipped (every rank still joins the all-reduce)
+        if s < n_samples - 1:
+            for device, ns in by_device.items():
+                functional.accumulate_hessian_(
+                    [partial_sums[n] for n in ns], [zs[n] for n in ns], [hzs[n] for n in ns],
+                    keys=[keys[n] for n in ns], backend=backend_for(device),
+                )
+    if overflow is not None and overflow is not amp.Overflow.GRADIENTS:
+        hessian_scale.finished(ok=overflow is amp.Overflow.NONE)
+    return Estimate(zs, keys, hzs, partial_sums), overflow
+
+
 def has_graph(grad: Tensor) -> bool:
     """Was this gradient built with ``create_graph=True`` from something differentiable?"""
     return grad.requires_grad
@@ -107,8 +167,9 @@ def has_graph(grad: Tensor) -> bool:
 def hessian_vector_products(
     grads: list[Tensor], params: list[Tensor], vectors: list[Tensor], *, retain_graph: bool
 ) -> list[Tensor]:
-    """``H z`` for every parameter, from one autograd call. A parameter that the
-    gradients' graph does not reach gets zeros (its Hessian rows are zero)."""
+    """``H z`` for every parameter (its shape and dtype), from one autograd call over the
+    gradients' graph. A parameter that the graph does not reach gets zeros (its Hessian
+    rows are zero). RuntimeError naming the fix when fused attention is in the graph."""
     try:
         with torch.enable_grad():
             hvps = torch.autograd.grad(
@@ -119,3 +180,41 @@ def hessian_vector_products(
             raise RuntimeError(SDPA_MESSAGE) from err
         raise
     return [torch.zeros_like(p) if h is None else h for h, p in zip(hvps, params)]
+
+
+def _scaled_hessian_vector_products(
+    grads: list[Tensor], params: list[Tensor], vectors: list[Tensor], *,
+    loss_scale: amp.LossScale, hessian_scale: amp.HessianScale,
+) -> tuple[list[Tensor], amp.Overflow]:
+    """``H z`` under a loss scale S: computed on ``z * c`` (``hessian_scale``), divided
+    by ``S * c`` and checked in one pass, retried with a lower c on overflow (the graph is
+    retained for the retries; ``step()`` frees it). One host read per try."""
+    retries = 0
+    while True:
+        c = hessian_scale.scale
+        outputs = vectors if c == 1.0 else torch._foreach_mul(vectors, c)
+        hzs = hessian_vector_products(grads, params, outputs, retain_graph=True)
+        overflow = amp.unscale_and_check_(hzs, loss_scale.scale * c, loss_scale.found_inf)
+        if overflow is not amp.Overflow.HESSIAN or retries == hessian_scale.RETRIES or not hessian_scale.back_off():
+            return hzs, overflow
+        retries += 1
+
+
+def _no_graph_warning(shapes: str) -> str:
+    return (
+        f"AdaHessian: backward ran with create_graph=True, but the gradient of the "
+        f"parameter(s) of shape {shapes} has no autograd graph, so their Hessian rows are "
+        "taken as zero (D = 0; their update divides by eps alone). Possible causes: the loss "
+        "is linear in them (then D = 0 is exact); a custom torch.autograd.Function or fused "
+        "kernel without double backward (e.g. a backward marked @once_differentiable) on "
+        "the path from them to the loss; .detach() or torch.no_grad() inside the model."
+    )
+
+
+def _record(modes: dict[int, bool], index: int, _param: Tensor) -> None:
+    modes[index] = torch.is_grad_enabled()
+
+
+def _remove(handles: list) -> None:
+    for handle in handles:
+        handle.remove()

@@ -6,15 +6,16 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import amp, backends, distributed, functional, hutchinson, sampler
+from . import amp, distributed, functional, hutchinson
+from .backends import BACKENDS, resolve
+from .precision import state_dtype
 
-BACKENDS = ("auto", "fused", "reference")
 # Optimizer-wide settings: kept in `defaults` and in every param group (as torch keeps
 # `foreach` and `fused`), equal in all; read and changed through the attributes of the
 # same names (README, "Where settings and counters live"). A change of those that shape
@@ -41,12 +42,67 @@ def _setting(name: str, doc: str) -> property:
 
 
 class AdaHessian(Optimizer):
-    """AdaHessian (Yao et al., AAAI 2021): Adam with the squared gradient replaced by
-    the squared Hutchinson estimate of the Hessian diagonal.
+    r"""AdaHessian (Yao et al., "ADAHESSIAN: An Adaptive Second Order Optimizer for
+    Machine Learning", AAAI 2021): Adam with the squared gradient replaced by the squared
+    Hutchinson estimate of the Hessian diagonal (docs/algorithm.md).
 
-    Arguments and defaults are the original pure-Python implementation's; ``backend``,
-    ``seed`` and ``process_group`` are keyword-only additions. See the README for the
-    full table. Raises ValueError for invalid values (README, "Arguments").
+    .. math::
+        \begin{aligned}
+        &D_t = \tfrac{1}{S}\textstyle\sum_s z_s \odot H z_s \quad
+            \text{(every update\_each steps, else } D_{t-1}\text{; } z_s \in \{\pm 1\}^n)\\
+        &\theta \leftarrow \theta (1 - \gamma\lambda), \quad
+            m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \quad
+            v_t = \beta_2 v_{t-1} + (1 - \beta_2) D_t^2\\
+        &\theta \leftarrow \theta - \frac{\gamma}{1 - \beta_1^t}\, m_t \Big/
+            \Big(\big(v_t / (1 - \beta_2^t)\big)^{k/2} + \epsilon\Big)
+        \end{aligned}
+
+    On a Hessian step (``hessian_due``) the gradients must carry their graph:
+    ``loss.backward(create_graph=True)``; the Hessian-vector products ``Hz`` then cost
+    about one more backward pass per sample. Positional arguments and defaults are the
+    original pure-Python implementation's.
+
+    Args:
+        params (iterable): parameters (real, dense) or dicts defining parameter groups.
+        lr (float, optional): learning rate :math:`\gamma` >= 0, a Python number
+            (default: 0.1).
+        betas (tuple[float, float], optional): :math:`\beta_1, \beta_2` in [0, 1), the
+            averaging coefficients of the gradient and of :math:`D^2`
+            (default: (0.9, 0.999)).
+        eps (float, optional): :math:`\epsilon` >= 0 added to the denominator
+            (default: 1e-8; 1e-4 is markedly more stable on small CNNs and transformers).
+        weight_decay (float, optional): decoupled weight decay :math:`\lambda` >= 0, as
+            in AdamW (default: 0).
+        hessian_power (float, optional): the exponent :math:`k` in [0, 1] of the
+            curvature in the denominator (default: 1).
+        update_each (int, optional): recompute D every this many steps (>= 1); the
+            steps between cost about an Adam step (default: 1).
+        n_samples (int, optional): Rademacher vectors :math:`S` per estimate (>= 1),
+            each one more Hessian-vector product (default: 1).
+        average_conv_kernel (bool, optional): average :math:`|D|` over each 4-D conv
+            weight's spatial positions, as in the paper (default: False).
+        backend (str, keyword-only): ``"auto"`` (the compiled kernels where available
+            for the parameters' device, else the reference path with one warning),
+            ``"fused"`` (RuntimeError where unavailable) or ``"reference"``
+            (default: ``"auto"``).
+        seed (int, keyword-only): seed of the counter-based Rademacher sampler, in
+            [0, 2**32) (default: 2147483647).
+        process_group (keyword-only): ``None``, ``"world"`` or a
+            ``torch.distributed`` process group whose ranks' gradients and Hessian
+            estimates are averaged (default: None).
+
+    Raises:
+        ValueError: an argument outside its range (the original's rules, plus
+            ``weight_decay``, ``update_each``, ``n_samples``, ``seed``, ``backend`` and a
+            tensor ``lr``); also at ``step()`` for a setting changed to a bad value.
+        RuntimeError: complex parameters, sparse gradients, ``backend="fused"`` where
+            the kernels are unavailable; at ``step()``, gradients computed without
+            ``create_graph=True`` on a Hessian step, or a model part without double
+            backward (fused attention: see :func:`adahessian.math_attention`).
+
+    Settings and counters live in ``defaults`` and every param group (README, "Where
+    settings and counters live"); GradScaler works, with gradient clipping through
+    :meth:`attach_grad_scaler` (README, "Mixed precision").
     """
 
     _step_supports_amp_scaling = True
@@ -93,10 +149,9 @@ class AdaHessian(Optimizer):
         self._group_checked = False
         self._hessian_scale = amp.HessianScale()
         self._grad_scaler = None
-        self._warned_no_graph: set[int] = set()
         self._backend_cache: dict[tuple[torch.device, str], str] = {}
-        self._backward_modes = hutchinson.BackwardModes()
-        self._backward_modes.bind(self)
+        self._graph_record = hutchinson.GraphRecord()
+        self._graph_record.bind(self)
 
     # ----------------------------------------------------------------- public API
 
@@ -158,7 +213,7 @@ class AdaHessian(Optimizer):
         first = len(self._flat_params())
         super().add_param_group(param_group)
         for i, p in enumerate(self.param_groups[-1]["params"]):
-            self._backward_modes.watch(first + i, p)
+            self._graph_record.watch(first + i, p)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -179,7 +234,7 @@ class AdaHessian(Optimizer):
         the constructor's; a state dict saved by an earlier version (counters under a
         top-level "adahessian" key) loads too."""
         # torch casts every state tensor to its parameter's dtype; m, v and D of a
-        # bfloat16/float16 parameter stay float32 (SPEC section 3): __setstate__ re-reads
+        # bfloat16/float16 parameter stay float32 (docs/algorithm.md, section 1): __setstate__ re-reads
         # them from the dict that is loaded, i.e. after every pre hook (ours runs last).
         loading: list[dict[str, Any]] = []
         handle = self.register_load_state_dict_pre_hook(lambda _, loaded: loading.append(loaded))
@@ -212,7 +267,7 @@ class AdaHessian(Optimizer):
         if unpickled:
             self._init_runtime(process_group)
             for i, p in enumerate(self._flat_params()):
-                self._backward_modes.watch(i, p)
+                self._graph_record.watch(i, p)
         if self.__dict__.get("_loading"):
             self._restore_state_dtypes(self._loading[-1])
         self._hessian_scale.load_state_dict(self._counter("hessian_scale"))
@@ -229,7 +284,7 @@ class AdaHessian(Optimizer):
                 continue
             if isinstance(state.get("step"), Tensor):
                 state["step"] = int(state["step"].item())
-            dtype = functional.state_dtype(p)
+            dtype = state_dtype(p)
             if dtype != p.dtype:
                 for key, value in loaded["state"][saved_id].items():
                     if isinstance(value, Tensor) and key != "step":
@@ -253,7 +308,7 @@ class AdaHessian(Optimizer):
         key = (device, requested or self.backend)
         backend = self._backend_cache.get(key)
         if backend is None:
-            backend = self._backend_cache[key] = backends.resolve(key[1], device)
+            backend = self._backend_cache[key] = resolve(key[1], device)
         return backend
 
     def _sync_settings(self) -> None:
@@ -289,22 +344,33 @@ class AdaHessian(Optimizer):
                 if not self.state[p]:
                     self.state[p].update(step=0, exp_avg=_zeros_like_state(p), exp_hessian_diag_sq=_zeros_like_state(p))
             return
-        estimate, overflow = self._estimate(entries, grads, scale) if hessian_step else (None, None)
-        # GradScaler semantics, decided here alone: a step with an inf/NaN in the
-        # gradients (found by the scaler) or in Hz (found by the checked product, after
-        # its back-offs) is skipped, and nothing changes. A checked product read both
-        # flags at once; otherwise the scaler's flag is read now. Distributed, the
-        # decision waits for the reduced values, so that every rank takes the same one.
-        grad_scale = scale.grad_scale
-        if group is not None:
-            entries, grads, estimate = self._all_reduce(group, entries, grads, estimate, grad_scale)
-            if scale.found_inf is not None and bool(functional.nonfinite(grads + _estimated(estimate))):
+        estimate, overflow = None, None
+        if hessian_step:
+            estimate, overflow = hutchinson.estimate(
+                [p for _, _, p in entries], grads, [idx for _, idx, _ in entries],
+                seed=self.seed, counter=self._counter("rademacher_counter"), n_samples=self.n_samples,
+                backend_for=self._backend_for, record=self._graph_record, loss_scale=scale,
+                hessian_scale=self._hessian_scale,
+            )
+            if overflow is not None:
+                self._set_counter("hessian_scale", self._hessian_scale.state_dict())
+        # GradScaler's skip is decided by amp alone (single process: from the flags read
+        # with the product, or GradScaler's; distributed: after the reduce, so that every
+        # rank takes the same decision). Hz came out unscaled; the gradients are
+        # unscaled here, in place.
+        if group is None:
+            if amp.skipped(scale, overflow):
                 return
-            grad_scale = None  # unscaled before the reduce
-        elif (amp.gradients_overflowed(scale) if overflow is None else overflow is not amp.Overflow.NONE):
-            return
+            amp.unscale_gradients_([g for g in grads if g is not None], scale)
+        else:
+            amp.unscale_gradients_([g for g in grads if g is not None], scale)
+            grads, keep = distributed.average_(group, [p for _, _, p in entries], grads, estimate.tensors() if estimate else [])
+            entries, grads = [entries[n] for n in keep], [grads[n] for n in keep]
+            estimate = None if estimate is None else estimate.select(keep)
+            if scale.found_inf is not None and amp.any_nonfinite(grads + (estimate.tensors() if estimate else [])):
+                return
 
-        self._update(entries, grads, estimate, grad_scale)
+        self._update(entries, grads, estimate)
         self._set_counter("optimizer_step", self._counter("optimizer_step") + 1)
         if hessian_step:
             self._set_counter("rademacher_counter", self._counter("rademacher_counter") + self.n_samples)
@@ -317,7 +383,7 @@ class AdaHessian(Optimizer):
         if any(float(group["lr"]) != 0.0 for group in self.param_groups):
             return False
         return all(
-            grad is None or (not grad.requires_grad and idx not in self._backward_modes.modes and not grad.any())
+            grad is None or (not grad.requires_grad and not self._graph_record.seen(idx) and not grad.any())
             for (_, idx, _), grad in zip(entries, grads)
         )
 
@@ -342,119 +408,45 @@ class AdaHessian(Optimizer):
                 flat_index += 1
         return entries, grads
 
-    def _update(self, entries, grads, estimate, grad_scale) -> None:
-        """Initialise state on first use, gather per (group, backend) lists, and run the
-        functional core on each."""
-        buckets: dict[tuple[int, str], dict[str, list]] = {}
+    def _update(self, entries, grads, estimate: hutchinson.Estimate | None) -> None:
+        """Bring each parameter's state to what today's settings keep, and run the
+        functional core once per (param group, device): model parallel never hands one
+        kernel call tensors of several devices."""
+        buckets: dict[tuple[int, torch.device], list[int]] = {}
         for n, (g, _, p) in enumerate(entries):
-            state = self.state[p]
-            if estimate is None:
-                if "hessian" not in state:
-                    continue  # no D yet: wait for the next Hessian step
-            else:
-                # The state a fresh run with today's settings has: D is kept between
-                # Hessian steps only when update_each > 1 (settings may have changed).
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = _zeros_like_state(p)
-                    state["exp_hessian_diag_sq"] = _zeros_like_state(p)
-                if self.update_each > 1 and "hessian" not in state:
-                    state["hessian"] = _zeros_like_state(p)
-                elif self.update_each == 1:
-                    state.pop("hessian", None)
-            state["step"] += 1
-            key = (g, p.device)  # one kernel call per device: model parallel splits
-            lists = buckets.get(key)
-            if lists is None:  # not setdefault: that would build the lists for every parameter
-                lists = buckets[key] = _empty_lists()
-            lists["params"].append(p)
-            lists["grads"].append(grads[n])
-            lists["exp_avgs"].append(state["exp_avg"])
-            lists["exp_hessian_diag_sqs"].append(state["exp_hessian_diag_sq"])
-            lists["hessians"].append(state.get("hessian"))
-            lists["state_steps"].append(state["step"])
-            if estimate is not None:
-                for key in ("zs", "keys", "hzs"):
-                    lists[key].append(getattr(estimate, key)[n])
-                if estimate.partial_sums is not None:
-                    lists["partial_sums"].append(estimate.partial_sums[n])
-
-        for (g, device), lists in buckets.items():
+            if self._prepare_state(p, hessian_step=estimate is not None):
+                buckets.setdefault((g, p.device), []).append(n)
+        for (g, device), ns in buckets.items():
             group = self.param_groups[g]
+            params = [entries[n][2] for n in ns]
+            states = [self.state[p] for p in params]
             beta1, beta2 = group["betas"]
-            hessian_step = estimate is not None
             functional.adahessian(
-                lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_hessian_diag_sqs"],
-                lists["hessians"], lists["state_steps"],
-                hzs=lists["hzs"] if hessian_step else None,
-                zs=lists["zs"] if hessian_step else None,
-                keys=lists["keys"] if hessian_step else None,
-                partial_sums=lists["partial_sums"] if hessian_step and estimate.partial_sums is not None else None,
+                params, [grads[n] for n in ns], [s["exp_avg"] for s in states],
+                [s["exp_hessian_diag_sq"] for s in states], [s.get("hessian") for s in states],
+                [s["step"] for s in states], estimate=None if estimate is None else estimate.select(ns),
                 n_samples=self.n_samples, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
-                average_conv_kernel=self.average_conv_kernel, grad_scale=grad_scale, found_inf=None,
-                backend=self._backend_for(device),
+                average_conv_kernel=self.average_conv_kernel, backend=self._backend_for(device),
             )
 
-    def _estimate(self, entries, grads, scale: amp.LossScale) -> tuple[Estimate, amp.Overflow | None]:
-        """Hutchinson: per sample, one autograd call over every gradient that has a
-        graph. Returns the last sample's z, sampler key and Hz per entry, and the sum
-        of z * Hz over the earlier samples (None when n_samples == 1); and, under a loss
-        scale, whether the step overflowed (None without one: nothing is checked)."""
-        params = [p for _, _, p in entries]
-        graph = [n for n, grad in enumerate(grads) if grad is not None and hutchinson.has_graph(grad)]
-        self._check_graphs(entries, grads, any_graph=bool(graph))
-        by_device: dict[torch.device, list[int]] = {}
-        for n, p in enumerate(params):
-            by_device.setdefault(p.device, []).append(n)
-
-        partial_sums = None
-        if self.n_samples > 1:
-            partial_sums = [torch.zeros_like(p, dtype=functional.state_dtype(p)) for p in params]
-        for s in range(self.n_samples):
-            counter = self._counter("rademacher_counter") + s
-            keys = [sampler.rademacher_key(self.seed, idx, counter) for _, idx, _ in entries]
-            zs: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
-            for device, ns in by_device.items():
-                sampled = functional.sample_rademacher(
-                    [params[n] for n in ns], [keys[n] for n in ns], backend=self._backend_for(device)
-                )
-                for n, z in zip(ns, sampled):
-                    zs[n] = z
-            hzs, overflow = self._hessian_vector_products(
-                grads, params, zs, graph, scale, retain_graph=s < self.n_samples - 1
-            )
-            if overflow not in (None, amp.Overflow.NONE):
-                break  # the step is skipped (every rank still joins the all-reduce)
-            if s < self.n_samples - 1:
-                for device, ns in by_device.items():
-                    functional.accumulate_hessian_(
-                        [partial_sums[n] for n in ns], [zs[n] for n in ns], [hzs[n] for n in ns],
-                        keys=[keys[n] for n in ns], backend=self._backend_for(device),
-                    )
-        if overflow is not None and overflow is not amp.Overflow.GRADIENTS:
-            self._hessian_scale.finished(ok=overflow is amp.Overflow.NONE)
-        if overflow is not None:
-            self._set_counter("hessian_scale", self._hessian_scale.state_dict())
-        return Estimate(zs, keys, hzs, partial_sums), overflow
-
-    def _hessian_vector_products(self, grads, params, zs, graph, scale, *, retain_graph):
-        """One sample's Hz for every entry (zeros where a gradient has no graph, or where
-        this rank has no gradient), and the overflow check's outcome under a loss scale
-        (None without one)."""
-        hzs: list[Tensor | None] = [None] * len(params)
-        overflow = None
-        if graph:
-            args = ([grads[n] for n in graph], [params[n] for n in graph], [zs[n] for n in graph])
-            if scale.hz_ratio is None:
-                graph_hzs = hutchinson.hessian_vector_products(*args, retain_graph=retain_graph)
-            else:
-                graph_hzs, overflow = hutchinson.scaled_hessian_vector_products(
-                    *args, scale=self._hessian_scale, hz_ratio=scale.hz_ratio, found_inf=scale.found_inf
-                )
-            for n, hz in zip(graph, graph_hzs):
-                hzs[n] = hz
-        return [torch.zeros_like(p) if hz is None else hz for hz, p in zip(hzs, params)], overflow
+    def _prepare_state(self, p: Tensor, *, hessian_step: bool) -> bool:
+        """Make ``p``'s state what a fresh run with today's settings keeps (D between
+        Hessian steps only when update_each > 1: settings may have changed) and count the
+        step; False when ``p`` has no D yet and waits for the next Hessian step."""
+        state = self.state[p]
+        if not hessian_step:
+            if "hessian" not in state:
+                return False
+        else:
+            if not state:
+                state.update(step=0, exp_avg=_zeros_like_state(p), exp_hessian_diag_sq=_zeros_like_state(p))
+            if self.update_each > 1 and "hessian" not in state:
+                state["hessian"] = _zeros_like_state(p)
+            elif self.update_each == 1:
+                state.pop("hessian", None)
+        state["step"] += 1
+        return True
 
     def _distributed_group(self):
         """The resolved process group (None when single-process); on the first step,
@@ -480,48 +472,6 @@ class AdaHessian(Optimizer):
             "number of parameters": len(self._flat_params()),
         }
 
-    def _all_reduce(self, group, entries, grads, estimate, grad_scale):
-        """Average gradients (and, on Hessian steps, Hz and the partial sums) across
-        ranks in one bucketed all-reduce, with a presence flag per parameter riding
-        along: a parameter no rank has a gradient for is dropped, one some ranks lack
-        gets their zeros. Unscales locally first: ranks' loss scales may differ."""
-        present = torch.tensor([g is not None for g in grads], dtype=torch.float32, device=entries[0][2].device)
-        grads = [torch.zeros_like(p) if g is None else g.detach() for (_, _, p), g in zip(entries, grads)]
-        reduced = grads + _estimated(estimate)
-        if grad_scale is not None:
-            torch._foreach_mul_(reduced, grad_scale.double().reciprocal().item())
-        distributed.all_reduce_mean_(reduced + [present], group)
-        keep = [n for n, flag in enumerate(present.tolist()) if flag > 0]
-        # grads[n] shares p.grad's storage, so p.grad now holds the average; a rank
-        # that had no gradient gets one: every rank leaves step() with the same grads.
-        for n in keep:
-            if entries[n][2].grad is None:
-                entries[n][2].grad = grads[n]
-        if estimate is not None:
-            estimate = Estimate(*([x[n] for n in keep] if x is not None else None for x in estimate))
-        return [entries[n] for n in keep], [grads[n] for n in keep], estimate
-
-    def _check_graphs(self, entries, grads, *, any_graph: bool) -> None:
-        """The rule for gradients without a graph on a Hessian step (README, "Gradients
-        without a graph"): after a backward without ``create_graph`` it is the user's to
-        fix (RuntimeError); after one with it, the Hessian rows are zero (D = 0) and one
-        warning per parameter names the possible causes. Where no hook saw the gradient
-        arrive (set by hand), a step with no graph at all is taken for the former."""
-        missing, plain = [], False
-        for (_, idx, p), grad in zip(entries, grads):
-            if grad is None or hutchinson.has_graph(grad) or p.numel() == 0:
-                continue
-            create_graph = self._backward_modes.modes.get(idx)
-            plain = plain or create_graph is False or (create_graph is None and not any_graph)
-            missing.append((idx, p))
-        if plain:
-            raise RuntimeError(hutchinson.NO_GRAPH_MESSAGE + distributed.ddp_hint())
-        new = [(idx, p) for idx, p in missing if idx not in self._warned_no_graph]
-        if new:
-            self._warned_no_graph.update(idx for idx, _ in new)
-            shapes = ", ".join(str(tuple(p.shape)) for _, p in new)
-            warnings.warn(hutchinson.no_graph_warning(shapes), stacklevel=5)
-
     def _release_graphs(self) -> None:
         # backward(create_graph=True) makes param -> grad -> graph -> param cycles that
         # gc cannot see through (they pass through C++); dropping the graph breaks them.
@@ -530,29 +480,8 @@ class AdaHessian(Optimizer):
                 p.grad = p.grad.detach()
 
 
-class Estimate(NamedTuple):
-    """A Hessian step's Hutchinson data, aligned with the step's parameter list."""
-
-    zs: list[Tensor]
-    keys: list[int]
-    hzs: list[Tensor]
-    partial_sums: list[Tensor] | None
-
-
 def _zeros_like_state(p: Tensor) -> Tensor:
-    return torch.zeros_like(p, dtype=functional.state_dtype(p), memory_format=torch.preserve_format)
-
-
-def _estimated(estimate: Estimate | None) -> list[Tensor]:
-    """The estimate's tensors that carry the loss scale and cross ranks."""
-    if estimate is None:
-        return []
-    return estimate.hzs + (estimate.partial_sums or [])
-
-
-def _empty_lists() -> dict[str, list]:
-    keys = ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians", "state_steps", "zs", "keys", "hzs", "partial_sums")
-    return {k: [] for k in keys}
+    return torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
 
 
 def _initial_counter(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""The pinned counter-based Rademacher sampler (SPEC section 4).
+"""The pinned counter-based Rademacher sampler (docs/algorithm.md, section 2).
 
 z depends only on (seed, parameter index, counter, logical element index), so every
 backend, every device and every rank of a distributed job draws the same vector

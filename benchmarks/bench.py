@@ -173,7 +173,7 @@ def rademacher_like(params: list[Tensor]) -> list[Tensor]:
 def foreach_adahessian_(
     params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, steps, *, lr, beta1, beta2, eps, weight_decay, hessian_power
 ):
-    """SPEC section 3, steps 3-5, with multi-tensor ops; ``hessians`` holds each D and
+    """docs/algorithm.md, section 1, steps 3-5, with multi-tensor ops; ``hessians`` holds each D and
     ``steps`` each parameter's step count after this step."""
     if weight_decay:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
@@ -190,7 +190,7 @@ def foreach_adahessian_(
 
 
 class ForeachAdaHessian(torch.optim.Optimizer):
-    """AdaHessian (SPEC section 3) in torch._foreach_* ops, as a user would write it
+    """AdaHessian (docs/algorithm.md, section 1) in torch._foreach_* ops, as a user would write it
     without a compiler: z from torch's generator, not the package's pinned sampler;
     n_samples=1; float32/float64 parameters on one device."""
 
@@ -227,7 +227,7 @@ class ForeachAdaHessian(torch.optim.Optimizer):
                 state = self.state[p]
                 d = estimates[p] if hessian_step else state.get("hessian")
                 if d is None:
-                    continue  # a first gradient on a non-Hessian step waits for a D (SPEC section 3)
+                    continue  # a first gradient on a non-Hessian step waits for a D (docs/algorithm.md, section 1)
                 if not state:
                     state.update(step=0, exp_avg=torch.zeros_like(p), exp_hessian_diag_sq=torch.zeros_like(p))
                 if hessian_step and self.update_each > 1:

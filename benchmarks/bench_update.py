@@ -88,9 +88,8 @@ def adahessian_functional(shapes):
     def step():
         with torch.no_grad():
             functional.adahessian(
-                params, grads, *state, steps, hzs=None, zs=None, keys=None, partial_sums=None, n_samples=1,
-                lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, hessian_power=1.0,
-                average_conv_kernel=False, grad_scale=None, found_inf=None, backend="fused",
+                params, grads, *state, steps, estimate=None, n_samples=1, lr=1e-3, beta1=0.9, beta2=0.999,
+                eps=1e-8, weight_decay=0.0, hessian_power=1.0, average_conv_kernel=False, backend="fused",
             )
 
     return step

@@ -12,11 +12,11 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(adahessian, m) {
-  // out[i][j] = the pinned Rademacher sign of (keys[i], logical index j) (SPEC section 4).
+  // out[i][j] = the pinned Rademacher sign of (keys[i], logical index j) (docs/algorithm.md, section 2).
   m.def("rademacher_(Tensor(a!)[] out, int[] keys) -> ()");
   // partial_sums[i] += z * hzs[i], z regenerated from keys[i] (a Hutchinson sample but the last).
   m.def("accumulate_hessian_(Tensor(a!)[] partial_sums, Tensor[] hzs, int[] keys) -> ()");
-  // One AdaHessian step per parameter (SPEC section 3), one pass over memory each.
+  // One AdaHessian step per parameter (docs/algorithm.md, section 1), one pass over memory each.
   // Hessian step: hzs and keys given, D = (partial_sums + z * Hz) / n_samples / scale,
   // stored into hessians when given. Other steps: hzs empty, D read from hessians.
   // steps: each parameter's step count after this step. grad_scale divides grad and Hz;

@@ -71,12 +71,13 @@ def test_inf_in_the_loss_skips_the_step(backend):
 
 
 def test_non_finite_hessian_skips_the_step(backend):
-    # Finite gradient, infinite curvature: the Hz check must catch what the scaler cannot.
+    # Finite gradient, infinite curvature: the Hz check must catch what the scaler cannot
+    # (the curvature overflows float32 even unscaled, so no back-off helps).
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     opt = AdaHessian([w], backend=backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
     opt.zero_grad()
-    loss = w[1] ** 2 + ((w[0] - 1.0) * 1e19) ** 2  # at w[0] = 1: grad 0, curvature 2e38 (x4: inf)
+    loss = w[1] ** 2 + ((w[0] - 1.0) * 2e19) ** 2  # at w[0] = 1: grad 0, curvature 8e38: inf
     scaler.scale(loss).backward(create_graph=True)
     assert torch.isfinite(w.grad).all()
     scaler.step(opt)
@@ -231,3 +232,21 @@ def test_repeated_hessian_overflow_is_counted_and_warned(backend):
     assert hessian_scale["skipped_steps"] == 4 and hessian_scale["consecutive_skips"] == 4
     assert [len(c) for c in caught_per_step] == [0, 1, 0, 1]  # at 2 and 4 in a row
     assert "Hessian steps in a row skipped" in caught_per_step[1][0]
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["single", "process_group"])
+def test_grads_are_left_unscaled_on_every_path(backend, distributed, request):
+    group = request.getfixturevalue("one_rank_group") if distributed else None
+    x, y = _batches(1)[0]
+    grads = {}
+    for scaled in (False, True):
+        model = _model()
+        opt = AdaHessian(model.parameters(), lr=0.05, backend=backend, process_group=group)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        if scaled:
+            backward_and_step(loss, opt, torch.amp.GradScaler("cpu", init_scale=2.0**10))
+        else:
+            backward_and_step(loss, opt)
+        grads[scaled] = [p.grad for p in model.parameters()]
+    # A power-of-two scale divides exactly: p.grad is the unscaled gradient, bit for bit.
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
