@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dist_worker
+import tolerances
 
 DEADLINE_S = 120
 
@@ -46,7 +47,8 @@ def test_ranks_on_shards_equal_one_process_on_the_whole_batch(tmp_path, world, b
             for p, q in zip(result[name], results[0][name]):
                 assert torch.equal(p, q), f"{name}: rank {rank} differs from rank 0"
             for p, q in zip(result[name], oracle):
-                torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name}: {m}")
+                # float64; the ranks' sums over shards round differently from the whole batch's.
+                tolerances.assert_trajectory_close(p, q, dist_worker.STEPS, name)
         initial = [p.detach() for p in dist_worker.make_model().parameters()]
         assert not torch.equal(results[0][name][0], initial[0]), f"{name}: nothing trained"
     # Without a process group the ranks drift apart: each rank was warned once.
