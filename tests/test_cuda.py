@@ -1,5 +1,5 @@
-"""The CUDA kernels (csrc/cuda, SPEC section 5) against the reference path, on two
-targets: "cuda", a GPU, with TF32 off (skipped without one), and "emulated", the same
+"""The CUDA kernels (csrc/cuda; docs/algorithm.md, sections 3-4) against the reference
+path, on two targets: "cuda", a GPU, with TF32 off (skipped without one), and "emulated", the same
 kernel code run on the CPU by tests/cuda_emulator.cpp (everywhere a compiler is). Checked:
 bit-identical z across CPU and CUDA, the functional core per step from identical state,
 views at every alignment (no access outside them), training runs on real models,
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import test_fused as cpu_cases
-from adahessian import AdaHessian, _build, _ops, backends, functional, sampler
+from adahessian import _build, _ops, backends, functional, sampler
 
 CUDA = torch.device("cuda")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -35,13 +35,7 @@ class Target(NamedTuple):
 
     def to(self, x):
         """x with every tensor moved to the target's device (layouts kept), recursively."""
-        if torch.is_tensor(x):
-            return x.to(self.device)
-        if isinstance(x, (list, tuple)):
-            return type(x)(self.to(v) for v in x)
-        if isinstance(x, dict):
-            return {k: self.to(v) for k, v in x.items()}
-        return x
+        return cpu_cases._to(self.device, x)
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +60,8 @@ def emulator():
 @pytest.fixture(params=["emulated", pytest.param("cuda", marks=needs_gpu)])
 def target(request, monkeypatch):
     if request.param == "cuda":
-        # Exact float32 products, and the same convolution algorithms for both models: a
-        # zero-gradient parameter's update is m / sqrt(v) of pure round-off (SPEC section 5).
+        # Exact float32 products, and the same convolution algorithms for both models: the
+        # per-step checks need bit-identical gradients from the two model copies.
         flags = [(torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False),
                  (torch.backends.cudnn, "deterministic", True), (torch.backends.cudnn, "benchmark", False)]
         saved = [getattr(module, name) for module, name, _ in flags]
@@ -79,7 +73,7 @@ def target(request, monkeypatch):
         return
     emulated = request.getfixturevalue("emulator")
     # Every fused call on CPU tensors goes to the emulated CUDA kernels.
-    monkeypatch.setattr(functional, "_kernels", lambda tensors: emulated)
+    monkeypatch.setattr(backends.fused, "kernels", lambda tensors: emulated)
     yield Target("emulated", torch.device("cpu"))
 
 
@@ -118,19 +112,7 @@ def _options(n_samples, hessian_power, average_conv_kernel):
     return dict(
         n_samples=n_samples, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
         hessian_power=hessian_power, average_conv_kernel=average_conv_kernel,
-        grad_scale=torch.tensor([2.0**10]) if hessian_power == 0.7 else None, found_inf=torch.tensor([0.0]),
     )
-
-
-def _assert_close_to(got, want, dtype):
-    for name in ("params", "exp_avgs", "exp_hessian_diag_sqs", "hessians"):
-        low = name == "params" and dtype in cpu_cases.LOW_PRECISION
-        tol = dict(rtol=1e-2, atol=1e-2) if low else dict(rtol=2e-6, atol=1e-7)
-        for i, (g, w) in enumerate(zip(got[name], want[name])):
-            if w is None:
-                assert g is None
-                continue
-            torch.testing.assert_close(g.cpu(), w, **tol, msg=lambda m: f"{name}[{i}] {tuple(w.shape)}: {m}")
 
 
 @pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES, ids=dtype_name)
@@ -144,7 +126,7 @@ def test_functional_step_matches_the_reference(target, dtype, case, hessian_powe
     got = cpu_cases._run_functional("fused", target.to(lists), target.to(estimate), **target.to(options))
     for g, w in zip(got["params"], want["params"]):
         assert g.device.type == target.device.type and g.stride() == w.stride()
-    _assert_close_to(got, want, dtype)
+    cpu_cases.assert_functional_close(got, want, lists, options)
 
 
 def _padded(tensors, offset):
@@ -170,35 +152,26 @@ def test_views_at_every_alignment_match_and_stay_inside(target, dtype, offset, a
     # Packed loads need every pointer aligned (16 bytes for float32, 32 for float64); a
     # view's offset decides whether the vectorised path runs, and no path may touch the
     # NaN margins around the views.
-    lists, estimate = cpu_cases._problem(dtype, hessian_step=True, kept=True, n_samples=2, channels_last=False)
-    want = cpu_cases._run_functional("reference", lists, estimate, **_options(2, 1.0, average_conv_kernel))
-    lists, estimate = target.to(lists), target.to(estimate)
+    before, estimate = cpu_cases._problem(dtype, hessian_step=True, kept=True, n_samples=2, channels_last=False)
+    options = _options(2, 1.0, average_conv_kernel)
+    want = cpu_cases._run_functional("reference", before, estimate, **options)
+    lists, estimate = target.to(before), target.to(estimate)
     margins = []
     for name in ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians"):
         lists[name], buffers = _padded(lists[name], offset)
         margins += buffers
     for name in ("hzs", "partial_sums"):
-        estimate[name], buffers = _padded(estimate[name], offset)
+        padded, buffers = _padded(getattr(estimate, name), offset)
+        estimate = estimate._replace(**{name: padded})
         margins += buffers
-    functional.adahessian(*lists.values(), **estimate, **target.to(_options(2, 1.0, average_conv_kernel)),
-                          backend="fused")
-    _assert_close_to(lists, want, dtype)
+    functional.adahessian(*lists.values(), estimate=estimate, **options, backend="fused")
+    cpu_cases.assert_functional_close(lists, want, before, options)
     for buffer, start, numel in margins:
         assert buffer[:start].isnan().all() and buffer[start + numel :].isnan().all()
 
 
-def test_found_inf_leaves_every_tensor_untouched(target):
-    lists, estimate = cpu_cases._problem(torch.float32, hessian_step=True, kept=True, n_samples=2, channels_last=True)
-    lists, estimate = target.to(lists), target.to(estimate)
-    options = dict(
-        n_samples=2, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, hessian_power=1.0,
-        average_conv_kernel=True, grad_scale=torch.tensor([8.0], device=target.device),
-        found_inf=torch.tensor([1.0], device=target.device),
-    )
-    got = cpu_cases._run_functional("fused", lists, estimate, **options)
-    for name, tensors in lists.items():
-        if name != "state_steps":
-            assert all(torch.equal(g, w) for g, w in zip(got[name], tensors))
+def test_kernel_loss_scale_is_exact(target):
+    cpu_cases.kernel_loss_scale_is_exact(target.device)
 
 
 def test_thread_order_changes_no_bit(emulator):
@@ -212,8 +185,8 @@ def test_thread_order_changes_no_bit(emulator):
         runs.append(copy.deepcopy(lists))
         emulator.fused_step_(
             *[runs[-1][k] for k in ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians")],
-            hzs=estimate["hzs"], partial_sums=estimate["partial_sums"], keys=estimate["keys"],
-            steps=runs[-1]["state_steps"], **options,
+            hzs=estimate.hzs, partial_sums=estimate.partial_sums, keys=estimate.keys,
+            steps=runs[-1]["state_steps"], **options, grad_scale=None, found_inf=None,
         )
     emulator.set_reverse_order(False)
     for name in ("params", "exp_avgs", "exp_hessian_diag_sqs", "hessians"):
@@ -228,44 +201,23 @@ def test_opcheck(case):
     torch.library.opcheck(op, Target("cuda", CUDA).to(cpu_cases.OPCHECK_CASES[case]()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_name)
 @pytest.mark.parametrize("name", list(cpu_cases.TRAJECTORIES))
-def test_training_trajectory_matches_the_reference(target, name, dtype):
-    case = cpu_cases.TRAJECTORIES[name]
-    cls, options, groups = case["cls"], case["options"], case.get("groups", False)
-    torch.manual_seed(0)
-    ref_model = cls().to(target.device, dtype)
-    if case.get("channels_last"):
-        ref_model = ref_model.to(memory_format=torch.channels_last)
-    fused_model = copy.deepcopy(ref_model)
-    ref_opt = cpu_cases._optimizer(ref_model, "reference", options, groups)
-    fused_opt = cpu_cases._optimizer(fused_model, "fused", options, groups)
-    g = torch.Generator().manual_seed(1)
-    batches = [target.to(cls.batch(g)) for _ in range(24)]
-    for model, opt in ((ref_model, ref_opt), (fused_model, fused_opt)):
-        scaler = torch.amp.GradScaler(target.device.type, init_scale=2.0**10) if case.get("scaled") else None
-        for batch in batches:
-            cpu_cases._step(model, opt, batch, scaler)
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
-    cpu_cases._compare_models(fused_model, ref_model, skip=getattr(cls, "ZERO_GRAD", ()), **tol)
+def test_training_trajectory_matches_the_reference(target, name):
+    # float64 over a whole run; float32 per step below (tests/tolerances.py).
+    cpu_cases.trajectories_match(cpu_cases.TRAJECTORIES[name], target.device)
 
 
-@pytest.mark.parametrize("cls", [cpu_cases.MLP, cpu_cases.CNN, cpu_cases.Transformer])
-@pytest.mark.parametrize("dtype", [torch.float32, *cpu_cases.LOW_PRECISION], ids=dtype_name)
-def test_steps_from_identical_state_match_the_reference(target, cls, dtype):
-    low = dtype in cpu_cases.LOW_PRECISION
-    options = dict(lr=0.01, eps=1e-3 if low else 1e-8, update_each=2, weight_decay=0.01,
-                   average_conv_kernel=cls is cpu_cases.CNN)
-    tol = dict(rtol=1e-2, atol=1e-2) if low else dict(rtol=1e-4, atol=1e-5)
-    torch.manual_seed(0)
-    ref_model = cls().to(target.device, dtype)
-    ref_opt = AdaHessian(ref_model.parameters(), backend="reference", **options)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(6):
-        batch = target.to(cls.batch(g))
-        fused_model = copy.deepcopy(ref_model)
-        fused_opt = AdaHessian(fused_model.parameters(), backend="fused", **options)
-        fused_opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
-        cpu_cases._step(ref_model, ref_opt, batch)
-        cpu_cases._step(fused_model, fused_opt, batch)
-        cpu_cases._compare_models(fused_model, ref_model, **tol)
+# test_fused's per-step cases (float32 for every trajectory case, MLP in bfloat16 and
+# float16), plus the CNN and the Transformer in the low-precision dtypes.
+LOW_PRECISION_MODELS = {
+    cls.__name__.lower(): dict(cls=cls, options=dict(lr=0.01, eps=1e-3, update_each=2, weight_decay=0.01,
+                                                     average_conv_kernel=cls is cpu_cases.CNN))
+    for cls in (cpu_cases.CNN, cpu_cases.Transformer)
+}
+PER_STEP = cpu_cases.PER_STEP + [(name, dtype) for name in LOW_PRECISION_MODELS for dtype in cpu_cases.LOW_PRECISION]
+
+
+@pytest.mark.parametrize("name,dtype", PER_STEP, ids=[cpu_cases.per_step_id(*c) for c in PER_STEP])
+def test_steps_from_identical_state_match_the_reference(target, name, dtype):
+    case = LOW_PRECISION_MODELS.get(name) or cpu_cases.per_step_case(name)
+    cpu_cases.steps_from_identical_state(case, dtype, cpu_cases.STEPS, device=target.device)

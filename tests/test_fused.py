@@ -1,5 +1,6 @@
-"""The fused CPU kernels against the reference path (SPEC section 5): bit-identical z,
-the functional core option by option, and whole training runs on real models."""
+"""The fused CPU kernels against the reference path (docs/algorithm.md, sections 3-4):
+bit-identical z, the functional core option by option, and training runs on real models
+(float64 over a run, every dtype per step from identical state; tests/tolerances.py)."""
 
 import copy
 import importlib.util
@@ -11,7 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+import tolerances
 from adahessian import AdaHessian, backends, functional, math_attention, sampler
+from adahessian.hutchinson import Estimate
 from training import backward_and_step
 
 CPU = torch.device("cpu")
@@ -87,7 +90,8 @@ SHAPES = [
 
 
 def _problem(dtype, *, hessian_step, kept, n_samples, channels_last, seed=0):
-    """Random lists for functional.adahessian: params, grads, state, Hz, keys."""
+    """Random lists for functional.adahessian (params, grads, state) and, on a Hessian
+    step, its Estimate (z, keys, Hz, partial sums)."""
     g = torch.Generator().manual_seed(seed)
     sdtype = torch.float32 if dtype in LOW_PRECISION else dtype
 
@@ -104,21 +108,39 @@ def _problem(dtype, *, hessian_step, kept, n_samples, channels_last, seed=0):
         state_steps=[3 + i for i in range(len(SHAPES))],
     )
     keys = [sampler.rademacher_key(7, i, 40) for i in range(len(SHAPES))]
-    estimate = dict(hzs=None, zs=None, keys=None, partial_sums=None)
-    if hessian_step:
-        estimate = dict(
-            hzs=[rand(s, dtype) for s in SHAPES],
-            zs=[sampler.rademacher(s, k, dtype=dtype) for s, k in zip(SHAPES, keys)],
-            keys=keys,
-            partial_sums=[rand(s, sdtype) for s in SHAPES] if n_samples > 1 else None,
-        )
-    return lists, estimate
+    if not hessian_step:
+        return lists, None
+    hzs = [rand(s, dtype) for s in SHAPES]
+    zs = [sampler.rademacher(s, k, dtype=dtype) for s, k in zip(SHAPES, keys)]
+    return lists, Estimate(zs, keys, hzs, [rand(s, sdtype) for s in SHAPES] if n_samples > 1 else None)
 
 
 def _run_functional(backend, lists, estimate, **options):
     lists = copy.deepcopy(lists)
-    functional.adahessian(*lists.values(), **estimate, **options, backend=backend)
+    functional.adahessian(*lists.values(), estimate=estimate, **options, backend=backend)
     return lists
+
+
+STATE = dict(params="param", exp_avgs="exp_avg", exp_hessian_diag_sqs="exp_hessian_diag_sq", hessians="hessian")
+HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "hessian_power")
+
+
+def averaging_group(t, average_conv_kernel):
+    """Elements whose |D| are averaged together (conv kernels), else 1."""
+    return t.shape[2] * t.shape[3] if average_conv_kernel and t.dim() == 4 else 1
+
+
+def assert_functional_close(got, want, before, options):
+    """functional.adahessian's outputs ``got`` against the reference's ``want``, per
+    tensor, within the error model of tests/tolerances.py (both from ``before``)."""
+    for i, p in enumerate(before["params"]):
+        tolerances.assert_step_close(
+            {STATE[k]: got[k][i] for k in STATE}, {STATE[k]: want[k][i] for k in STATE},
+            dict(param=p, exp_avg=before["exp_avgs"][i]), before["grads"][i],
+            dict({k: options[k] for k in HYPER}, step=before["state_steps"][i]),
+            dtypes=(p.dtype, p.dtype), group=averaging_group(p, options["average_conv_kernel"]),
+            what=f"[{i}] {tuple(p.shape)}",
+        )
 
 
 CORE_CASES = {
@@ -138,49 +160,52 @@ def test_functional_step_matches_the_reference(dtype, case, hessian_power, avera
     options = dict(
         n_samples=CORE_CASES[case]["n_samples"], lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
         hessian_power=hessian_power, average_conv_kernel=average_conv_kernel,
-        grad_scale=torch.tensor([2.0**10]) if hessian_power == 0.7 else None, found_inf=torch.tensor([0.0]),
     )
     want = _run_functional("reference", lists, estimate, **options)
     got = _run_functional("fused", lists, estimate, **options)
-    for name in ("params", "exp_avgs", "exp_hessian_diag_sqs", "hessians"):
-        # The state is float32 or float64 on every dtype; a low-precision parameter is
-        # rounded once, where the two paths may land one unit in the last place apart.
-        low = name == "params" and dtype in LOW_PRECISION
-        tol = dict(rtol=1e-2, atol=1e-2) if low else dict(rtol=2e-6, atol=1e-7)
-        for i, (g, w) in enumerate(zip(got[name], want[name])):
-            if w is None:
-                assert g is None
-                continue
-            assert g.stride() == w.stride()
-            torch.testing.assert_close(g, w, **tol, msg=lambda m: f"{name}[{i}] {tuple(w.shape)}: {m}")
+    assert all(g.stride() == w.stride() for g, w in zip(got["params"], want["params"]))
+    assert_functional_close(got, want, lists, options)
 
 
-def test_found_inf_leaves_every_tensor_untouched():
+def kernel_loss_scale_is_exact(device=CPU):
+    """The kernels' own loss-scale arguments (the optimizer unscales before the core):
+    grads, Hz and partial sums scaled by 2^10 with grad_scale = 2^10 give bitwise the
+    unscaled step (scaling by a power of two is exact), and found_inf = 1 leaves every
+    tensor untouched."""
     lists, estimate = _problem(torch.float32, hessian_step=True, kept=True, n_samples=2, channels_last=True)
-    options = dict(
-        n_samples=2, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, hessian_power=1.0,
-        average_conv_kernel=True, grad_scale=torch.tensor([8.0]), found_inf=torch.tensor([1.0]),
-    )
-    got = _run_functional("fused", lists, estimate, **options)
-    for name, tensors in lists.items():
-        if name != "state_steps":
-            assert all(torch.equal(g, w) for g, w in zip(got[name], tensors))
+    lists, estimate = _to(device, lists), _to(device, estimate)
+    options = dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, hessian_power=1.0, n_samples=2,
+                   average_conv_kernel=True)
+
+    def step(scale, found_inf):
+        out = copy.deepcopy(lists)
+        backends.fused.kernels(out["params"]).fused_step_(
+            out["params"], [g * scale for g in out["grads"]], out["exp_avgs"], out["exp_hessian_diag_sqs"],
+            out["hessians"], hzs=[h * scale for h in estimate.hzs], partial_sums=[s * scale for s in estimate.partial_sums],
+            keys=estimate.keys, steps=out["state_steps"], **options,
+            grad_scale=torch.tensor([scale], device=device), found_inf=torch.tensor([found_inf], device=device),
+        )
+        return out
+
+    unscaled, scaled, skipped = step(1.0, 0.0), step(2.0**10, 0.0), step(2.0**10, 1.0)
+    for name in ("params", "exp_avgs", "exp_hessian_diag_sqs", "hessians"):
+        assert all(torch.equal(s, u) for s, u in zip(scaled[name], unscaled[name])), name
+        assert all(torch.equal(s, w) for s, w in zip(skipped[name], lists[name])), name
+    assert not torch.equal(unscaled["params"][0], lists["params"][0])
 
 
-def test_mixed_kept_and_absent_hessians_split():
+def test_kernel_loss_scale_is_exact():
+    kernel_loss_scale_is_exact()
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_hessians_are_kept_for_all_parameters_or_none(backend):
     lists, estimate = _problem(torch.float32, hessian_step=True, kept=True, n_samples=1, channels_last=False)
-    lists["hessians"][1] = lists["hessians"][4] = None  # state restored from a run without update_each
-    options = dict(
-        n_samples=1, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, hessian_power=1.0,
-        average_conv_kernel=True, grad_scale=None, found_inf=None,
-    )
-    want = _run_functional("reference", lists, estimate, **options)
-    got = _run_functional("fused", lists, estimate, **options)
-    for name in ("params", "hessians"):
-        for g, w in zip(got[name], want[name]):
-            assert (g is None) == (w is None)
-            if w is not None:
-                torch.testing.assert_close(g, w, rtol=2e-6, atol=1e-7)
+    lists["hessians"][1] = None
+    options = dict(n_samples=1, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, hessian_power=1.0,
+                   average_conv_kernel=True)
+    with pytest.raises(ValueError, match="all tensors or all None"):
+        _run_functional(backend, lists, estimate, **options)
 
 
 # --------------------------------------------------------------- operator checks
@@ -294,10 +319,28 @@ def _step(model, opt, batch, scaler=None):
     backward_and_step(_loss(model, batch), opt, scaler)
 
 
-def _compare_models(got, want, skip=(), **tol):
-    for (name, p), q in zip(want.named_parameters(), got.parameters()):
-        if name not in skip:
-            torch.testing.assert_close(q, p, **tol, msg=lambda m: f"{name}: {m}")
+def _to(device, x):
+    """x with every tensor on ``device``, recursively (lists, tuples, dicts, Estimate)."""
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, Estimate):
+        return Estimate(*(_to(device, v) for v in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(device, v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(device, v) for k, v in x.items()}
+    return x
+
+
+def _setup(case, dtype, backend, device=CPU):
+    """The case's model (seed 0), its optimizer and, for scaled cases, a GradScaler."""
+    torch.manual_seed(0)
+    model = case["cls"]().to(device, dtype)
+    if case.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    opt = _optimizer(model, backend, case["options"], case.get("groups", False))
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10) if case.get("scaled") else None
+    return model, opt, scaler
 
 
 # model, optimizer options; groups: two param groups with their own hyperparameters;
@@ -313,65 +356,88 @@ TRAJECTORIES = {
     "cnn-power-0.5": dict(cls=CNN, options=dict(lr=0.02, hessian_power=0.5, average_conv_kernel=True), groups=True),
     "transformer": dict(cls=Transformer, options=dict(lr=0.01, update_each=2, weight_decay=0.01)),
 }
+STEPS = 24
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", list(TRAJECTORIES))
-def test_training_trajectory_matches_the_reference(name, dtype):
-    case = TRAJECTORIES[name]
-    cls, options, groups = case["cls"], case["options"], case.get("groups", False)
-    torch.manual_seed(0)
-    ref_model = cls().to(dtype)
-    if case.get("channels_last"):
-        ref_model = ref_model.to(memory_format=torch.channels_last)
-    fused_model = copy.deepcopy(ref_model)
-    ref_opt = _optimizer(ref_model, "reference", options, groups)
-    fused_opt = _optimizer(fused_model, "fused", options, groups)
-    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) if case.get("scaled") else None for _ in range(2)]
+def test_training_trajectory_matches_the_reference(name):
+    # Exactness over a whole run, in float64 (tests/tolerances.py); float32 is checked
+    # per step below. Zero-gradient parameters have no bounded gain over a run.
+    trajectories_match(TRAJECTORIES[name])
+
+
+def trajectories_match(case, device=CPU):
+    ref_model, ref_opt, ref_scaler = _setup(case, torch.float64, "reference", device)
+    fused_model, fused_opt, fused_scaler = _setup(case, torch.float64, "fused", device)
     g = torch.Generator().manual_seed(1)
-    for _ in range(24):
-        batch = cls.batch(g)
-        _step(ref_model, ref_opt, batch, scalers[0])
-        _step(fused_model, fused_opt, batch, scalers[1])
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
-    _compare_models(fused_model, ref_model, skip=getattr(cls, "ZERO_GRAD", ()), **tol)
+    for _ in range(STEPS):
+        batch = _to(device, case["cls"].batch(g))
+        _step(ref_model, ref_opt, batch, ref_scaler)
+        _step(fused_model, fused_opt, batch, fused_scaler)
+    for (name, p), q in zip(ref_model.named_parameters(), fused_model.parameters()):
+        if name not in getattr(case["cls"], "ZERO_GRAD", ()):
+            tolerances.assert_trajectory_close(q, p, STEPS, name)
     if case.get("channels_last"):
         assert fused_model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def _per_step(cls, dtype, options, steps, tol):
-    """Each step from identical state: the fused optimizer starts from a copy of the
-    reference model and optimizer state, takes the same step, and must land close."""
-    torch.manual_seed(0)
-    ref_model = cls().to(dtype)
-    ref_opt = AdaHessian(ref_model.parameters(), backend="reference", **options)
+def steps_from_identical_state(case, dtype, steps, device=CPU):
+    """Each step from identical state: the fused path starts from a copy of the
+    reference model, optimizer state and GradScaler, takes the same step on the same
+    batch, and must land within the error model of tests/tolerances.py; the next step
+    starts again from the reference's state."""
+    ref_model, ref_opt, scaler = _setup(case, dtype, "reference", device)
+    groups = {p: group for group in ref_opt.param_groups for p in group["params"]}
+    average = case["options"].get("average_conv_kernel", False)
     g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        batch = cls.batch(g)
+    for step in range(steps):
+        batch = _to(device, case["cls"].batch(g))
         fused_model = copy.deepcopy(ref_model)
-        fused_opt = AdaHessian(fused_model.parameters(), backend="fused", **options)
+        fused_opt = _optimizer(fused_model, "fused", case["options"], case.get("groups", False))
         fused_opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
-        _step(ref_model, ref_opt, batch)
-        _step(fused_model, fused_opt, batch)
-        _compare_models(fused_model, ref_model, **tol)
-        for p, q in zip(ref_model.parameters(), fused_model.parameters()):
-            for key, value in ref_opt.state[p].items():
-                if torch.is_tensor(value):
-                    torch.testing.assert_close(fused_opt.state[q][key], value, rtol=1e-5, atol=1e-6)
+        fused_opt.backend = "fused"  # the state dict carries the reference's backend setting
+        fused_scaler = copy.deepcopy(scaler)
+        before = {p: (p.detach().clone(), ref_opt.state[p].get("exp_avg", torch.zeros(())).clone()) for p in groups}
+        _step(ref_model, ref_opt, batch, scaler)
+        _step(fused_model, fused_opt, batch, fused_scaler)
+        assert fused_opt.backend == "fused"
+        for (name, p), q in zip(ref_model.named_parameters(), fused_model.parameters()):
+            # The same code on bit-identical copies (one machine, one thread count) gives
+            # bit-identical gradients: the step's inputs agree, so only the update differs.
+            assert torch.equal(q.grad, p.grad), f"step {step} {name}: the gradients differ"
+            want, got = ref_opt.state[p], fused_opt.state[q]
+            assert want["step"] == got["step"]
+            group = groups[p]
+            tolerances.assert_step_close(
+                dict(param=q, **{k: got.get(k) for k in STATE.values() if k != "param"}),
+                dict(param=p, **{k: want.get(k) for k in STATE.values() if k != "param"}),
+                dict(param=before[p][0], exp_avg=before[p][1]), p.grad.double(),  # unscaled by step()
+                dict({k: group[k] for k in HYPER if k in group}, beta1=group["betas"][0], beta2=group["betas"][1],
+                     step=want["step"]),
+                dtypes=(dtype, dtype), group=averaging_group(p, average), what=f"step {step} {name}",
+            )
+        if case.get("channels_last"):
+            assert fused_model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_low_precision_steps_match_the_reference(dtype):
-    # One rounding of p per step: the two paths may differ by one unit in the last place.
-    # eps=1e-3 bounds the steps of elements whose D is near zero, which overflow float16.
-    options = dict(lr=0.01, eps=1e-3, update_each=2, weight_decay=0.01)
-    _per_step(MLP, dtype, options, steps=6, tol=dict(rtol=1e-2, atol=1e-2))
+# Low-precision parameters: eps=1e-3 bounds the steps of elements whose D is near zero,
+# which overflow float16.
+LOW_PRECISION_CASE = dict(cls=MLP, options=dict(lr=0.01, eps=1e-3, update_each=2, weight_decay=0.01))
+PER_STEP = [(n, torch.float32) for n in TRAJECTORIES] + [("mlp-low-precision", d) for d in LOW_PRECISION]
 
 
-@pytest.mark.parametrize("cls", [CNN, Transformer])
-def test_zero_gradient_parameters_match_per_step(cls):
-    # m / sqrt(v) amplifies round-off on these parameters over a run (SPEC section 5).
-    _per_step(cls, torch.float32, dict(lr=0.02, update_each=2), steps=6, tol=dict(rtol=1e-4, atol=1e-5))
+def per_step_case(name):
+    return LOW_PRECISION_CASE if name == "mlp-low-precision" else TRAJECTORIES[name]
+
+
+def per_step_id(name, dtype):
+    return f"{name}-{str(dtype).removeprefix('torch.')}"
+
+
+@pytest.mark.parametrize("name,dtype", PER_STEP, ids=[per_step_id(*c) for c in PER_STEP])
+def test_steps_from_identical_state_match_the_reference(name, dtype):
+    # Every parameter, the zero-gradient ones included (docs/algorithm.md, section 4), every dtype.
+    steps_from_identical_state(per_step_case(name), dtype, STEPS)
 
 
 # -------------------------------------------------------------------- loading
