@@ -51,7 +51,7 @@ def adahessian(
     hessians: list[Tensor | None],
     state_steps: list[int],
     *,
-    estimate: Estimate | None = None,
+    estimate: Estimate | None,
     n_samples: int,
     lr: float,
     beta1: float,
@@ -61,7 +61,6 @@ def adahessian(
     hessian_power: float,
     average_conv_kernel: bool,
     backend: str,
-    **legacy,
 ) -> None:
     """One AdaHessian update of every tensor in ``params``, in place (docs/algorithm.md,
     section 1, steps 1-5).
@@ -76,19 +75,6 @@ def adahessian(
     with ``params``, Hz unscaled): ``D = (partial_sums + z * Hz) / n_samples``, written
     into ``hessians`` when they are kept. Other steps pass None and use ``hessians`` as D.
     """
-    if legacy:  # TEMPORARY (removed with the test update): hzs/zs/keys/partial_sums/grad_scale/found_inf
-        found_inf, grad_scale = legacy.pop("found_inf", None), legacy.pop("grad_scale", None)
-        if found_inf is not None and bool(found_inf):
-            return
-        if legacy.get("hzs") is not None:
-            estimate = __import__("adahessian.hutchinson", fromlist=["Estimate"]).Estimate(
-                legacy["zs"], legacy["keys"], list(legacy["hzs"]), legacy.get("partial_sums"))
-        if grad_scale is not None:
-            inv = 1.0 / float(grad_scale)
-            grads = [g * inv for g in grads]
-            if estimate is not None:
-                estimate = estimate._replace(hzs=[h * inv for h in estimate.hzs],
-                                             partial_sums=None if estimate.partial_sums is None else [x * inv for x in estimate.partial_sums])
     kept = [h is not None for h in hessians]
     if any(kept) and not all(kept):
         raise ValueError("adahessian(): hessians must be all tensors or all None (D is kept for every parameter or none)")
@@ -99,8 +85,3 @@ def adahessian(
         n_samples=n_samples, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         hessian_power=hessian_power, average_conv_kernel=average_conv_kernel,
     )
-
-
-def _kernels(tensors):  # TEMPORARY: the tests' emulator redirect point, removed with the test update
-    from . import _ops
-    return _ops.ops(tensors[0].device.type if tensors else "cpu")

@@ -38,7 +38,4 @@ def step_(
 
 def kernels(tensors: list[Tensor]):
     """torch.ops.adahessian, loaded for the device type of ``tensors``."""
-    from .. import functional  # TEMPORARY: tests redirect functional._kernels to the emulator
-    if hasattr(functional, "_kernels"):
-        return functional._kernels(tensors)
     return _ops.ops(tensors[0].device.type if tensors else "cpu")
