@@ -1,10 +1,23 @@
-"""How setup.py and the JIT build find the CUDA toolkit and its headers (the machine
-quirks the CUDA build must survive without a GPU)."""
+"""What setup.py and the JIT build compile, and how they find the CUDA toolkit and its
+headers (the machine quirks the CUDA build must survive without a GPU)."""
 
 import os
 import stat
+from collections import Counter
 
 from adahessian import _build
+
+
+# What a compiler is handed; headers (.h, .cuh) are only included.
+COMPILED_SUFFIXES = {".c", ".cc", ".cpp", ".cxx", ".cu"}
+
+
+def test_every_compiled_source_under_csrc_is_listed_exactly_once():
+    listed = Counter(_build.SCHEMA_SOURCES + _build.KERNEL_SOURCES + _build.CUDA_SOURCES)
+    on_disk = {p.relative_to(_build.CSRC).as_posix() for p in _build.CSRC.rglob("*") if p.suffix in COMPILED_SUFFIXES}
+    assert {name for name, n in listed.items() if n > 1} == set(), "listed twice"
+    assert on_disk - set(listed) == set(), "add each new source to one list in adahessian/_build.py"
+    assert set(listed) - on_disk == set(), "listed but missing"
 
 
 def _toolkit(root, *headers):
