@@ -104,8 +104,7 @@ void estimate_tile(uint32_t key, int64_t start, int64_t n, const scalar_t* hz, c
 // ------------------------------------------------------------------------ rademacher_
 
 void rademacher_cpu(at::TensorList out, at::IntArrayRef keys) {
-  TORCH_CHECK(out.size() == keys.size(), "adahessian::rademacher_: ", out.size(), " tensors but ", keys.size(),
-              " keys");
+  check_one_per_key("rademacher_", keys, {out});
   ContiguousViews views;
   std::vector<Tensor> dst;
   std::vector<uint32_t> key;
@@ -140,8 +139,7 @@ void accumulate_chunk(const Tensor& acc, const Tensor& hz, uint32_t key, int64_t
 }
 
 void accumulate_hessian_cpu(at::TensorList partial_sums, at::TensorList hzs, at::IntArrayRef keys) {
-  TORCH_CHECK(partial_sums.size() == hzs.size() && hzs.size() == keys.size(),
-              "adahessian::accumulate_hessian_: lists of different lengths");
+  check_one_per_key("accumulate_hessian_", keys, {partial_sums, hzs});
   ContiguousViews views;
   std::vector<Tensor> acc, hz;
   std::vector<uint32_t> key;
@@ -172,8 +170,7 @@ struct StepTensor {
   Tensor hz;           // undefined on steps that reuse the kept D
   Tensor partial_sum;  // undefined when n_samples == 1
   uint32_t key = 0;
-  bool average;        // conv-kernel averaging over groups of `group` elements
-  int64_t group;
+  Averaging averaging;
   StepCoefficients<double> coefficients;
 };
 
@@ -181,14 +178,11 @@ template <typename scalar_t, Power power>
 void step_chunk(const StepTensor& t, double n_samples, int64_t begin, int64_t end) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<opmath_t>;
-  const auto& c = t.coefficients;
-  const StepCoefficients<Vec> cv{
-      Vec(opmath_t(c.weight_decay_factor)), Vec(opmath_t(c.beta1)), Vec(opmath_t(c.one_minus_beta1)),
-      Vec(opmath_t(c.beta2)), Vec(opmath_t(c.one_minus_beta2)), Vec(opmath_t(c.bias_correction2)),
-      Vec(opmath_t(c.neg_step_size)), Vec(opmath_t(c.eps)), Vec(opmath_t(c.exponent)), Vec(opmath_t(c.inv_scale))};
+  const auto c = rounded<opmath_t, Vec>(t.coefficients);
+  const auto [average, group] = t.averaging;
 
   // Tiles hold whole averaging groups; a group larger than kTile makes the tile larger.
-  const int64_t tile = std::max<int64_t>(1, kTile / t.group) * t.group;
+  const int64_t tile = std::max<int64_t>(1, kTile / group) * group;
   std::unique_ptr<opmath_t[]> scratch(new opmath_t[4 * tile]);  // uninitialised: written before read
   opmath_t* d_tile = scratch.get();  // z, then D
   opmath_t* hz_scratch = d_tile + tile;
@@ -210,16 +204,14 @@ void step_chunk(const StepTensor& t, double n_samples, int64_t begin, int64_t en
     const opmath_t* d = hessian ? hessian + start : nullptr;
     if (hz) {
       estimate_tile(t.key, start, n, hz + start, partial_sum ? partial_sum + start : nullptr, opmath_t(n_samples),
-                    opmath_t(c.inv_scale), d_tile, hz_scratch, d_tile);
+                    opmath_t(t.coefficients.inv_scale), d_tile, hz_scratch, d_tile);
       d = d_tile;
     }
-    // 2. Conv-kernel averaging: mean of |D| over each kh*kw block (sum, then divide,
-    // as torch.mean does).
-    if (t.average) {
-      for (int64_t g = 0; g < n; g += t.group) {
-        opmath_t sum = 0;
-        for (int64_t k = g; k < g + t.group; ++k) sum += std::abs(d[k]);
-        std::fill(d_tile + g, d_tile + g + t.group, sum / static_cast<opmath_t>(t.group));
+    // 2. Conv-kernel averaging: each group's mean of |D|.
+    if (average) {
+      for (int64_t g = 0; g < n; g += group) {
+        const opmath_t mean = group_mean_abs<opmath_t>(group, [&](int64_t k) { return d[g + k]; });
+        std::fill(d_tile + g, d_tile + g + group, mean);
       }
       d = d_tile;
     }
@@ -237,7 +229,7 @@ void step_chunk(const StepTensor& t, double n_samples, int64_t begin, int64_t en
     opmath_t* m2 = exp_hessian_diag_sq + start;
     for_each_vector<Vec>(n, [&](int64_t k, int64_t m) {
       Vec pv = Vec::loadu(p + k, m), m1v = Vec::loadu(m1 + k, m), m2v = Vec::loadu(m2 + k, m);
-      adahessian_update<power, VecMath>(pv, m1v, m2v, Vec::loadu(g + k, m), Vec::loadu(d + k, m), cv);
+      adahessian_update<power, VecMath>(pv, m1v, m2v, Vec::loadu(g + k, m), Vec::loadu(d + k, m), c);
       pv.store(p + k, m);
       m1v.store(m1 + k, m);
       m2v.store(m2 + k, m);
@@ -283,11 +275,10 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       t.key = checked_key(keys[i]);
       if (!partial_sums.empty()) t.partial_sum = views.read(partial_sums[i]);
     }
-    t.group = averaging_group(p, average_conv_kernel);
-    t.average = average_conv_kernel && p.dim() == 4;  // 1x1 kernels too: D becomes |D|
+    t.averaging = averaging_of(p, average_conv_kernel);
     t.coefficients = step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power, inv_scale);
     numel.push_back(p.numel());
-    group.push_back(t.group);
+    group.push_back(t.averaging.group);
     tensors.push_back(std::move(t));
   }
 

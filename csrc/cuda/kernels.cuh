@@ -157,8 +157,7 @@ __global__ void rademacher_kernel(const FillMeta<scalar_t>* metas, const Chunk* 
 
 template <typename Runtime>
 void rademacher(at::TensorList out, at::IntArrayRef keys) {
-  TORCH_CHECK(out.size() == keys.size(), "adahessian::rademacher_: ", out.size(), " tensors but ", keys.size(),
-              " keys");
+  check_one_per_key("rademacher_", keys, {out});
   for_each_dtype<Runtime>(out, "out", [&](at::ScalarType dtype, const std::vector<size_t>& indices,
                                            ContiguousViews& views, const at::Device& device) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "rademacher_", [&] {
@@ -197,8 +196,7 @@ __global__ void accumulate_kernel(const AccumulateMeta<scalar_t>* metas, const C
 
 template <typename Runtime>
 void accumulate_hessian(at::TensorList partial_sums, at::TensorList hzs, at::IntArrayRef keys) {
-  TORCH_CHECK(partial_sums.size() == hzs.size() && hzs.size() == keys.size(),
-              "adahessian::accumulate_hessian_: lists of different lengths");
+  check_one_per_key("accumulate_hessian_", keys, {partial_sums, hzs});
   for_each_dtype<Runtime>(hzs, "hzs", [&](at::ScalarType dtype, const std::vector<size_t>& indices,
                                            ContiguousViews& views, const at::Device& device) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "accumulate_hessian_", [&] {
@@ -230,8 +228,7 @@ struct StepMeta {
   const scalar_t* hz;           // null on steps that reuse the kept D
   const opmath_t* partial_sum;  // null when n_samples == 1
   uint32_t key;
-  bool average;                 // conv-kernel averaging (|D| averaged over groups of `group`)
-  int32_t group;
+  Averaging averaging;
   bool vectorised;              // every pointer aligned for packs
   StepCoefficients<opmath_t> coefficients;
 };
@@ -307,15 +304,14 @@ __global__ void fused_step_kernel(const StepMeta<scalar_t>* metas, const Chunk* 
   StepCoefficients<opmath_t> c = t.coefficients;
   if (scalars.grad_scale != nullptr) c.inv_scale = opmath_t(1) / static_cast<opmath_t>(*scalars.grad_scale);
 
-  if (t.average) {
-    // Conv-kernel averaging: a lane owns whole kh*kw groups (chunks hold whole groups):
-    // the mean of |D| over the group (sum, then divide, as torch.mean does), then the
-    // group's updates.
-    for (int64_t g = ch.begin + int64_t(threadIdx.x) * t.group; g < ch.end; g += int64_t(blockDim.x) * t.group) {
-      opmath_t sum = 0;
-      for (int64_t i = g; i < g + t.group; ++i) sum += ::fabs(estimate_at(t, i, scalars.n_samples, c.inv_scale));
-      const opmath_t d = sum / static_cast<opmath_t>(t.group);
-      for (int64_t i = g; i < g + t.group; ++i) update_at<power>(t, i, d, c);
+  if (t.averaging.average) {
+    // Conv-kernel averaging: a lane owns whole groups (chunks hold whole groups): the
+    // group's mean of |D|, then its updates.
+    const int64_t group = t.averaging.group;
+    for (int64_t g = ch.begin + int64_t(threadIdx.x) * group; g < ch.end; g += int64_t(blockDim.x) * group) {
+      const opmath_t d = group_mean_abs<opmath_t>(
+          group, [&](int64_t k) { return estimate_at(t, g + k, scalars.n_samples, c.inv_scale); });
+      for (int64_t i = g; i < g + group; ++i) update_at<power>(t, i, d, c);
     }
     return;
   }
@@ -378,18 +374,15 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
           t.key = checked_key(keys[i]);
           if (!partial_sums.empty()) t.partial_sum = views.read(partial_sums[i]).const_data_ptr<opmath_t>();
         }
-        t.average = average_conv_kernel && p.dim() == 4;  // 1x1 kernels too: D becomes |D|
-        t.group = static_cast<int32_t>(averaging_group(p, average_conv_kernel));
+        t.averaging = averaging_of(p, average_conv_kernel);
         t.vectorised = pack_aligned(t.param) && pack_aligned(t.grad) && pack_aligned(t.exp_avg) &&
                        pack_aligned(t.exp_hessian_diag_sq) && (!t.hessian || pack_aligned(t.hessian)) &&
                        (!t.hz || pack_aligned(t.hz)) && (!t.partial_sum || pack_aligned(t.partial_sum));
-        const auto c = step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power, 1.0);
-        t.coefficients = {opmath_t(c.weight_decay_factor), opmath_t(c.beta1), opmath_t(c.one_minus_beta1),
-                          opmath_t(c.beta2), opmath_t(c.one_minus_beta2), opmath_t(c.bias_correction2),
-                          opmath_t(c.neg_step_size), opmath_t(c.eps), opmath_t(c.exponent), opmath_t(1)};
+        t.coefficients = rounded<opmath_t>(
+            step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power, 1.0));
         metas.push_back(t);
         numel.push_back(p.numel());
-        group.push_back(t.group);
+        group.push_back(t.averaging.group);
       }
       const StepScalars<opmath_t> scalars{static_cast<opmath_t>(n_samples), scale};
       launch_over_chunks<Runtime>(metas, numel, group, device, [&](const auto& table) {

@@ -1,6 +1,6 @@
 // Host-side pieces shared by the CPU and CUDA kernels: argument checks, the split of
 // tensors into work items, contiguous staging of strided tensors, and the per-tensor
-// scalars of a step. Everything per element lives in math.h.
+// scalars of a step. Everything per element (or per averaging group) lives in math.h.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -48,10 +48,10 @@ inline uint32_t checked_key(int64_t key) {
   return static_cast<uint32_t>(key);
 }
 
-// The kernels index every tensor by logical row-major position (z depends on it, SPEC
-// section 4; conv-kernel averaging reduces contiguous kh*kw blocks). A non-contiguous
-// tensor (a channels-last conv weight, an expanded Hz) is processed as a contiguous
-// copy, kept alive until finish(), and mutated copies are written back there.
+// The kernels index every tensor by logical row-major position (z depends on it,
+// docs/algorithm.md section 2; conv-kernel averaging reduces contiguous kh*kw blocks).
+// A non-contiguous tensor (a channels-last conv weight, an expanded Hz) is processed as
+// a contiguous copy, kept alive until finish(), and mutated copies are written back there.
 class ContiguousViews {
  public:
   const at::Tensor& read(const at::Tensor& t) {
@@ -104,9 +104,16 @@ void dispatch_power(Power power, const F& f) {
   }
 }
 
-// Elements that share one averaged curvature value: a 4-D parameter's kh*kw block.
-inline int64_t averaging_group(const at::Tensor& param, bool average_conv_kernel) {
-  return average_conv_kernel && param.dim() == 4 ? std::max<int64_t>(1, param.size(2) * param.size(3)) : 1;
+// Conv-kernel averaging of one parameter: whether D becomes the group_mean_abs of each
+// group of `group` elements, a 4-D parameter's kh*kw blocks (1x1 too: D becomes |D|).
+struct Averaging {
+  bool average;
+  int64_t group;  // 1 when not averaging
+};
+
+inline Averaging averaging_of(const at::Tensor& param, bool average_conv_kernel) {
+  const bool average = average_conv_kernel && param.dim() == 4;
+  return {average, average ? std::max<int64_t>(1, param.size(2) * param.size(3)) : 1};
 }
 
 // The scalars of one tensor's update exactly as the reference path forms them, in
@@ -118,7 +125,22 @@ inline StepCoefficients<double> step_coefficients(int64_t step, double lr, doubl
           -lr / (1 - std::pow(beta1, s)), eps, hessian_power / 2, inv_scale};
 }
 
-// The list lengths fused_step_ requires.
+// The coefficients rounded to the arithmetic type T, as the reference path's Python
+// scalars are, each made a V (T itself, or a vector of T's on the CPU).
+template <typename T, typename V = T>
+StepCoefficients<V> rounded(const StepCoefficients<double>& c) {
+  const auto r = [](double x) { return V(static_cast<T>(x)); };
+  return {r(c.weight_decay_factor), r(c.beta1), r(c.one_minus_beta1), r(c.beta2), r(c.one_minus_beta2),
+          r(c.bias_correction2), r(c.neg_step_size), r(c.eps), r(c.exponent), r(c.inv_scale)};
+}
+
+// The list lengths of rademacher_ and accumulate_hessian_: one tensor per key.
+inline void check_one_per_key(const char* op, at::IntArrayRef keys, std::initializer_list<at::TensorList> lists) {
+  for (const auto& list : lists)
+    TORCH_CHECK(list.size() == keys.size(), "adahessian::", op, ": ", list.size(), " tensors, ", keys.size(), " keys");
+}
+
+// The list lengths of fused_step_.
 inline void check_step_arguments(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                  at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
                                  at::TensorList partial_sums, at::IntArrayRef keys, at::IntArrayRef steps,

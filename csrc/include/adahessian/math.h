@@ -1,7 +1,7 @@
-// The per-element math of the fused AdaHessian kernels: the pinned Rademacher hash
-// (SPEC section 4), the Hutchinson estimate and the moment/parameter update (SPEC
-// section 3). One source of truth for every backend: the CPU kernels instantiate these
-// templates with at::vec::Vectorized lanes, CUDA kernels with plain scalars.
+// The per-element math of the fused AdaHessian kernels (docs/algorithm.md): the pinned
+// Rademacher hash (section 2), the Hutchinson estimate, conv-kernel averaging and the
+// update (section 1). One source of truth for every backend: the CPU kernels instantiate
+// these templates with at::vec::Vectorized lanes, CUDA kernels with plain scalars.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -69,7 +69,16 @@ struct ScalarMath {
   C10_HOST_DEVICE static T pow(T x, T y) { return ::pow(x, y); }
 };
 
-// One element of AdaHessian's update (SPEC section 3, steps 3-5) given D, in place on
+// Conv-kernel averaging (section 1, step 2): the mean of |d(k)| over k < group,
+// summed in order, then divided, as torch.mean does.
+template <typename T, typename D>
+C10_HOST_DEVICE inline T group_mean_abs(int64_t group, const D& d) {
+  T sum = 0;
+  for (int64_t k = 0; k < group; ++k) sum += std::abs(d(k));
+  return sum / static_cast<T>(group);
+}
+
+// One element of AdaHessian's update (section 1, steps 3-5) given D, in place on
 // the parameter p and the moments m and v; grad is still multiplied by the loss scale.
 template <Power power, typename Math = ScalarMath, typename T>
 C10_HOST_DEVICE inline void adahessian_update(T& p, T& m, T& v, T grad, T d, const StepCoefficients<T>& c) {
