@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 
 # Compile the CUDA kernels without a GPU (CI runs this): a second venv with a CUDA build
 # of torch, cached outside the clone and keyed by the torch version, then the bare
@@ -50,7 +50,7 @@ cuda-build:
 # CUDA tests and the GPU benchmark, write OUT/results.json and OUT/table.md.
 OUT ?= gpu-check-out
 gpu-check:
-	$(PYTHON) benchmarks/gpu_check.py --out $(OUT)
+	$(PYTHON) tools/gpu_check.py --out $(OUT)
 
 clean:
 	rm -rf build *.egg-info adahessian/*.so

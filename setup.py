@@ -11,6 +11,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
+# By path: the package cannot be imported before it is built (its __init__ loads the extensions).
 _spec = importlib.util.spec_from_file_location("_adahessian_build", ROOT / "adahessian" / "_build.py")
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)

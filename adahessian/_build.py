@@ -124,15 +124,3 @@ def nvidia_wheel_includes(cuda_home: str | None) -> list[str]:
         folders += sorted(str(p) for p in Path(site).glob("nvidia/*/include") if p.is_dir())
         folders += sorted(str(p) for p in Path(site).glob("nvidia/cu*/include") if p.is_dir())
     return list(dict.fromkeys(folders))
-
-
-def source_commit() -> str:
-    """The commit the sources were built from, for results files: ADAHESSIAN_COMMIT where
-    they travelled without their .git folder, else git's answer, else "unknown"."""
-    if os.environ.get("ADAHESSIAN_COMMIT"):
-        return os.environ["ADAHESSIAN_COMMIT"]
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):  # no git on the machine
-        return "unknown"
-    return git.stdout.strip() if git.returncode == 0 else "unknown"

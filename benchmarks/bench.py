@@ -27,8 +27,8 @@ order that rotates, so a slow spell of a shared machine hits all alike. The tabl
 medians over rounds, the 25th..75th percentiles, and ratios against the reference path
 and against Adam (both iteration rows against Adam's iteration).
 
-    python benchmarks/bench.py            # about two minutes on 2 CPU cores
-    python benchmarks/bench.py --quick    # seconds: a smoke run
+    python -m benchmarks.bench            # about two minutes on 2 CPU cores
+    python -m benchmarks.bench --quick    # seconds: a smoke run
 """
 
 from __future__ import annotations

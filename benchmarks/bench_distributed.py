@@ -2,7 +2,7 @@
 training iteration, per optimizer step, and the share of the step spent in the
 all-reduce of gradients and Hessian-vector products.
 
-    python benchmarks/bench_distributed.py --nprocs 2
+    python -m benchmarks.bench_distributed --nprocs 2
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import multiprocessing
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -23,11 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import CifarResNet  # noqa: E402
+import adahessian.distributed
+from adahessian import AdaHessian
 
-import adahessian.distributed  # noqa: E402
-from adahessian import AdaHessian  # noqa: E402
+from .bench import CifarResNet
 
 
 def rank_main(rank, args, init_file, out_file):

@@ -8,7 +8,7 @@ achieved bandwidth counts 32 bytes per element for AdaHessian (reads p, grad, m,
 writes p, m, v) and 28 for Adam, against a device-to-device copy_ measured in the same
 run; kernel launches per step come from torch.profiler.
 
-    python benchmarks/bench_gpu.py --out OUT
+    python -m benchmarks.bench_gpu --out OUT
 """
 
 from __future__ import annotations
@@ -17,15 +17,12 @@ import argparse
 import datetime
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from adahessian import AdaHessian, _build  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from adahessian import AdaHessian
+from tools.gpu_check import source_commit
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -159,7 +156,7 @@ def main(argv=None):
         r["fused_speedup"] = r["median_ms"] / fused["median_ms"]
         r["fraction_of_copy_bandwidth"] = r["gbs"] / copy_gbs
 
-    commit = _build.source_commit()
+    commit = source_commit()
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda, commit=commit,

@@ -11,8 +11,8 @@ copy_ in the same rounds, of as many bytes as the fused step touches on the ResN
 set, measures the bandwidth the update is bound by: the fused step moves 32 bytes per
 element (reads p, grad, m, v, D; writes p, m, v), Adam 28.
 
-    python benchmarks/bench_update.py                                   # about a minute
-    python benchmarks/bench_update.py --results benchmarks/RESULTS.md   # also record it
+    python -m benchmarks.bench_update                                   # about a minute
+    python -m benchmarks.bench_update --results benchmarks/RESULTS.md   # also record it
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from adahessian import AdaHessian, functional  # noqa: E402
+from adahessian import AdaHessian, functional
 
 BEGIN, END = "<!-- bench_update: begin -->", "<!-- bench_update: end -->"
 # Per set, from issue 3: (most x fused Adam, least speed-up over the reference path).
@@ -209,7 +208,7 @@ def main(argv=None):
     # The fused step on ResNet-18 touches 5 float32 tensors per parameter; copy_ touches 2.
     copy_numel = sum(torch.Size(s).numel() for s in sets["resnet18"]) * 5 // 2
     samples = measure(sets, args.rounds, copy_numel)
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m", __spec__.name, *(sys.argv[1:] if argv is None else argv)])
     section = report(sets, samples, copy_numel, command)
     print(section)
     if args.results:

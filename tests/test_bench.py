@@ -1,28 +1,14 @@
 """The benchmark: a smoke run end to end, and its foreach AdaHessian against the reference path."""
 
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import tolerances
 from adahessian import AdaHessian, backends, sampler
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+from benchmarks import bench
 
 
 @pytest.fixture
@@ -32,7 +18,7 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-def test_quick_run_writes_json_csv_png(bench, tmp_path, restore_threads):
+def test_quick_run_writes_json_csv_png(tmp_path, restore_threads):
     # One thread: on a busy 2-core machine, two OpenMP threads wait on each other for
     # a scheduler slice per parallel region, and a seconds-long run takes minutes.
     returned = bench.main(["--quick", "--quiet", "--threads", "1", "--out", str(tmp_path)])
@@ -71,7 +57,7 @@ def test_quick_run_writes_json_csv_png(bench, tmp_path, restore_threads):
     [dict(), dict(weight_decay=0.1, hessian_power=0.5, average_conv_kernel=True)],
     ids=["defaults", "decay-power-conv"],
 )
-def test_foreach_matches_reference(bench, monkeypatch, options):
+def test_foreach_matches_reference(monkeypatch, options):
     """A Hessian step and the step after it (update_each=2) update every parameter as
     AdaHessian(backend="reference") does, given the same Rademacher vectors: in float64,
     where the claim is exactness (the foreach ops round differently, e.g. lerp for m)."""
@@ -97,3 +83,4 @@ def test_foreach_matches_reference(bench, monkeypatch, options):
             opt.step()
         for p, q in zip(model.parameters(), twin.parameters()):
             tolerances.assert_trajectory_close(q, p, step + 1)
+

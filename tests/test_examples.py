@@ -1,15 +1,13 @@
 """The examples run and learn: the digits demo at a reduced size, and the quickstart."""
 
-import importlib.util
 import json
 import runpy
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from examples import train_digits
 
 
 @pytest.fixture
@@ -23,9 +21,6 @@ def one_thread():
 
 
 def test_digits_reduced_size_learns(tmp_path, one_thread):
-    spec = importlib.util.spec_from_file_location("train_digits", EXAMPLES / "train_digits.py")
-    train_digits = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_digits)
     result = train_digits.main(["--epochs", "5", "--seeds", "1", "--out", str(tmp_path)])
     assert result["summary"]["adahessian"]["accuracy"] >= 0.90
     assert result["summary"]["adam"]["accuracy"] >= 0.90
@@ -37,6 +32,6 @@ def test_digits_reduced_size_learns(tmp_path, one_thread):
 
 def test_quickstart_runs(capsys, monkeypatch, one_thread):
     monkeypatch.setattr(sys, "argv", ["quickstart.py"])
-    runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
+    runpy.run_module("examples.quickstart", run_name="__main__")
     losses = [float(line.split()[-1]) for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
     assert len(losses) == 7 and losses[-1] < losses[0] / 4

@@ -1,8 +1,8 @@
 """`make gpu-check` runs where GPU time is scarce: what it selects and records must be
 right before it gets there."""
 
-import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -10,15 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tools import gpu_check
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _collect(args):
@@ -28,7 +22,7 @@ def _collect(args):
 
 
 @pytest.mark.parametrize("selection", ["CUDA_TESTS", "SANITIZED_TESTS"])
-def test_selections_pick_gpu_tests_only(gpu_check, selection):
+def test_selections_pick_gpu_tests_only(selection):
     ids = _collect(getattr(gpu_check, selection))
     assert ids, f"{selection} selects no test"
     assert all("emulated" not in i and "thread_order" not in i for i in ids), ids
@@ -39,7 +33,7 @@ def test_selections_pick_gpu_tests_only(gpu_check, selection):
         assert sum("[cuda" in i for i in ids) > 100
 
 
-def test_a_run_cut_short_still_writes_what_it_has(gpu_check, tmp_path):
+def test_a_run_cut_short_still_writes_what_it_has(tmp_path):
     result = dict(date="2026-11-29T00:00:00+00:00", commit="0123456789abcdef", device="NVIDIA H200", torch="2.11.0",
                   cuda="13.0", build=dict(exit=0, seconds=71, tail=""),
                   tests=dict(exit=None, seconds=300, tail="", passed=120),
@@ -52,12 +46,12 @@ def test_a_run_cut_short_still_writes_what_it_has(gpu_check, tmp_path):
     assert "- bench: exit 0 (40 s)\n" in table and "sanitizer" not in table
 
 
-def test_pytest_counts_read_the_summary_line(gpu_check):
+def test_pytest_counts_read_the_summary_line():
     assert gpu_check.pytest_counts("3 failed, 140 passed, 2 skipped, 1 error in 61.2s") == dict(
         failed=3, passed=140, skipped=2, error=1)
 
 
-def test_a_phase_past_its_limit_is_cut_off_with_its_children(gpu_check, tmp_path, monkeypatch):
+def test_a_phase_past_its_limit_is_cut_off_with_its_children(tmp_path, monkeypatch):
     monkeypatch.setitem(gpu_check.LIMITS_S, "tests", 2)
     marker = tmp_path / "grandchild-survived"
     child = f"import subprocess, time; subprocess.Popen(['sh', '-c', 'sleep 4; touch {marker}']); time.sleep(60)"
@@ -67,3 +61,14 @@ def test_a_phase_past_its_limit_is_cut_off_with_its_children(gpu_check, tmp_path
     assert "cut off after 2 s" in (tmp_path / "log.txt").read_text()
     time.sleep(4)
     assert not marker.exists()
+
+
+def test_the_harness_and_its_benchmark_start_as_make_gpu_check_runs_them(tmp_path):
+    # The harness as a script from anywhere (the checkout is not on sys.path then), the
+    # benchmark as the harness's bench phase starts it.
+    harness = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--help"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+    assert harness.returncode == 0 and "--out" in harness.stdout, harness.stderr
+    bench = subprocess.run([sys.executable, "-m", "benchmarks.bench_gpu", "--help"], cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert bench.returncode == 0 and "--out" in bench.stdout, bench.stderr

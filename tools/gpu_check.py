@@ -3,7 +3,7 @@ extensions in place against the torch that is installed, run the CUDA tests, run
 benchmark, check the kernels' memory accesses with compute-sanitizer where it exists, and
 write OUT/results.json, OUT/table.md and OUT/log.txt (every phase's output).
 
-    python benchmarks/gpu_check.py --out OUT
+    python3 tools/gpu_check.py --out OUT
 
 Each phase has a time limit, and results.json is rewritten after every phase, so a run
 cut short still says how far it got. Where the sources arrive without their .git folder,
@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# By path, as setup.py does: importing the package would load the extensions before the build.
+# Run as `python3 tools/gpu_check.py`, without the checkout on sys.path: beyond the standard
+# library and torch it loads only _build.py, by path as setup.py does (importing the
+# package would load the extensions before the build).
 _spec = importlib.util.spec_from_file_location("_adahessian_build", ROOT / "adahessian" / "_build.py")
 _build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_build)
@@ -74,6 +76,18 @@ def pytest_counts(tail: str) -> dict:
     return {k: int(n) for n, k in re.findall(rf"(\d+) ({'|'.join(PYTEST_OUTCOMES)})\b", tail)}
 
 
+def source_commit() -> str:
+    """The commit the sources were built from, for results files: ADAHESSIAN_COMMIT where
+    they travelled without their .git folder, else git's answer, else "unknown"."""
+    if os.environ.get("ADAHESSIAN_COMMIT"):
+        return os.environ["ADAHESSIAN_COMMIT"]
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):  # no git on the machine
+        return "unknown"
+    return git.stdout.strip() if git.returncode == 0 else "unknown"
+
+
 def sanitizer() -> str | None:
     found = shutil.which("compute-sanitizer")
     if found is None and (home := _build.find_cuda_home()):
@@ -107,7 +121,7 @@ def main(argv=None):
     import torch  # adahessian's extensions are not loaded by this
 
     result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  commit=_build.source_commit(),
+                  commit=source_commit(),
                   device=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                   torch=torch.__version__, cuda=torch.version.cuda)
     env = dict(FORCE_CUDA="1")
@@ -125,7 +139,7 @@ def main(argv=None):
     result["tests"].update(pytest_counts(result["tests"]["tail"]))
     write(out, result)
 
-    result["bench"] = run([py, "benchmarks/bench_gpu.py", "--out", str(out)], out, "bench", deadline,
+    result["bench"] = run([py, "-m", "benchmarks.bench_gpu", "--out", str(out)], out, "bench", deadline,
                           ADAHESSIAN_COMMIT=result["commit"])
     if (out / "bench_gpu.json").exists():
         result["bench"]["results"] = json.loads((out / "bench_gpu.json").read_text())

@@ -1,0 +1,1 @@
+"""Runnable examples (``python examples/quickstart.py``); a package so the tests import them."""
