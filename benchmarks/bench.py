@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import csv
 import ctypes
-import json
 import os
 import platform
 import statistics
@@ -56,46 +55,14 @@ from tqdm import tqdm
 
 from adahessian import AdaHessian, backends, math_attention
 
+from .common import CifarResNet, quartiles, write_results
+
 UPDATE_EACH = 10
 MEASUREMENTS = ("update", "step", "iteration", f"iteration-ue{UPDATE_EACH}")
 ADAM = "adam"
 REFERENCE = "adahessian-reference"
 
 # ----------------------------------------------------------------------------- models
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with BatchNorm and a shortcut (a strided 1x1 one when the shape changes)."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
-        )
-        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-        )
-
-    def forward(self, x):
-        return F.relu(self.body(x) + self.shortcut(x))
-
-
-class CifarResNet(nn.Module):
-    """The CIFAR ResNet layout (He et al. 2016, section 4.2) with one block per stage
-    (ResNet-8): a 3x3 stem, stages of 16/32/64 channels at full, half and quarter
-    resolution, global average pooling, a linear head."""
-
-    def __init__(self, widths=(16, 32, 64), classes=10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
-        self.stages = nn.Sequential(*(
-            BasicBlock(cin, cout, 1 if i == 0 else 2) for i, (cin, cout) in enumerate(zip(widths[:1] + widths[:-1], widths))
-        ))
-        self.head = nn.Linear(widths[-1], classes)
-
-    def forward(self, x):
-        return self.head(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1).flatten(1))
 
 
 class TinyLM(nn.Module):
@@ -481,12 +448,12 @@ def summarize(samples, runs) -> list[dict]:
     rows = []
     for key in sorted(samples, key=lambda k: (works.index(k[0]), MEASUREMENTS.index(k[1]), impls.index(k[2]))):
         w, measurement, name = key
-        q = statistics.quantiles(samples[key], n=4, method="inclusive") if len(samples[key]) > 1 else [samples[key][0]] * 3
+        p25, _, p75 = quartiles(samples[key])
         reference = medians.get((w, measurement, REFERENCE))
         adam = medians.get((w, "iteration" if measurement.startswith("iteration") else measurement, ADAM))
         run = memory.get(key)
         rows.append(dict(
-            workload=w, measurement=measurement, impl=name, median_ms=medians[key], p25_ms=q[0], p75_ms=q[2],
+            workload=w, measurement=measurement, impl=name, median_ms=medians[key], p25_ms=p25, p75_ms=p75,
             vs_reference=medians[key] / reference if reference else None,
             vs_adam=medians[key] / adam if adam else None,
             state_mib=run and run.state_mib, peak_mib=run and run.peak_mib, growth_mib=run and run.growth_mib,
@@ -638,10 +605,8 @@ def main(argv=None):
         rows=rows,
         samples_ms={f"{w}/{m}/{i}": s for (w, m, i), s in samples.items()},
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    write_results(args.out, "results", result, markdown(rows))
     write_csv(rows, args.out / "results.csv")
-    (args.out / "results.md").write_text(markdown(rows))
     plot(rows, args.out / "results.png", f"AdaHessian vs Adam: {result['device']} ({result['cpu']}), torch threads: {result['threads']}, torch {result['torch']}")
     print(f"\nload average {load_before[0]:.2f} -> {result['load_average_after'][0]:.2f}; "
           f"{result['seconds']:.0f} s; wrote {args.out}/results.{{json,csv,md,png}}")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import adahessian.distributed
 from adahessian import AdaHessian
 
-from .bench import CifarResNet
+from .common import CifarResNet, write_results
 
 
 def rank_main(rank, args, init_file, out_file):
@@ -81,7 +81,6 @@ def main(argv=None):
     parser.add_argument("--update-each", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "rows.json")
         ctx = multiprocessing.get_context("spawn")
@@ -98,7 +97,7 @@ def main(argv=None):
     for r in rows:
         print(f"{r['update_each']:>11} {r['iteration_ms']:>8.1f} {r['step_ms']:>8.1f} {r['comm_ms']:>8.1f} "
               f"{r['comm_share_of_step']:>9.0%} {r['comm_share_of_iteration']:>9.0%}")
-    (args.out / "distributed.json").write_text(json.dumps(dict(nprocs=args.nprocs, torch=torch.__version__, rows=rows), indent=2))
+    write_results(args.out, "distributed", dict(nprocs=args.nprocs, torch=torch.__version__, rows=rows))
     return rows
 
 

@@ -21,65 +21,24 @@ import argparse
 import datetime
 import random
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from adahessian import AdaHessian, functional
+from adahessian import functional
+
+from . import common
 
 BEGIN, END = "<!-- bench_update: begin -->", "<!-- bench_update: end -->"
 # Per set, from issue 3: (most x fused Adam, least speed-up over the reference path).
 TARGETS = {"resnet18": (1.35, 2), "1000 small": (1.0, 4)}
 
 
-def resnet18_shapes() -> list[tuple[int, ...]]:
-    """torchvision's resnet18(): every conv weight, BatchNorm weight and bias, and fc."""
-    shapes = [(64, 3, 7, 7), (64,), (64,)]
-    in_ch = 64
-    for out_ch in (64, 128, 256, 512):
-        for block in range(2):
-            cin = in_ch if block == 0 else out_ch
-            shapes += [(out_ch, cin, 3, 3), (out_ch,), (out_ch,), (out_ch, out_ch, 3, 3), (out_ch,), (out_ch,)]
-            if block == 0 and cin != out_ch:  # the downsampling shortcut
-                shapes += [(out_ch, cin, 1, 1), (out_ch,), (out_ch,)]
-        in_ch = out_ch
-    shapes += [(1000, 512), (1000,)]
-    assert len(shapes) == 62 and sum(torch.Size(s).numel() for s in shapes) == 11_689_512
-    return shapes
-
-
-def small_shapes() -> list[tuple[int, ...]]:
-    g = torch.Generator().manual_seed(0)
-    return [(int(n),) for n in torch.randint(1024, 4097, (1000,), generator=g)]
-
-
-def _params(shapes):
-    g = torch.Generator().manual_seed(1)
-    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
-    grads = [torch.randn(s, generator=g) for s in shapes]
-    return params, grads
-
-
-def adahessian_step(shapes, backend):
-    """AdaHessian.step() on non-Hessian steps: one Hessian step first creates the state
-    (D of a quadratic), then every step reuses D, as between recomputations."""
-    params, grads = _params(shapes)
-    opt = AdaHessian(params, lr=1e-3, update_each=10**9, backend=backend)
-    loss = sum((p * p).sum() for p in params)
-    loss.backward(create_graph=True)
-    opt.step()
-    for p, g in zip(params, grads):
-        p.grad = g
-    return opt.step
-
-
-def adahessian_functional(shapes):
+def adahessian_functional(shapes, device):
     """The fused functional core alone: the same kernel call without the optimizer's
     per-parameter Python bookkeeping."""
-    params, grads = _params(shapes)
+    params, grads = common.params_and_grads(shapes, device)
     with torch.no_grad():
         state = [[torch.rand_like(p) for p in params] for _ in range(3)]  # m, v, D
     steps = [10] * len(params)
@@ -94,52 +53,26 @@ def adahessian_functional(shapes):
     return step
 
 
-def adam_step(shapes):
-    params, grads = _params(shapes)
-    for p, g in zip(params, grads):
-        p.grad = g
-    return torch.optim.Adam(params, lr=1e-3, fused=True).step
-
-
-def copy_step(numel):
-    src, dst = torch.randn(numel), torch.empty(numel)
-    return lambda: dst.copy_(src)
-
-
-IMPLS = {
-    "adahessian fused": lambda shapes: adahessian_step(shapes, "fused"),
-    "adahessian reference": lambda shapes: adahessian_step(shapes, "reference"),
-    "adam fused": adam_step,
-    "adahessian fused, functional core": adahessian_functional,
-}
+IMPLS = {**common.UPDATE_IMPLS, "adahessian fused, functional core": adahessian_functional}
 
 
 def measure(sets, rounds, copy_numel):
-    runs = {(name, impl): make(shapes) for name, shapes in sets.items() for impl, make in IMPLS.items()}
-    runs[("copy_", "copy_")] = copy_step(copy_numel)
-    for fn in runs.values():  # warm-up: first-touch page faults, allocator, lazy state
-        for _ in range(3):
-            fn()
-    samples = {key: [] for key in runs}
-    order = list(runs)
-    shuffle = random.Random(0).shuffle
-    for _ in range(rounds):
-        shuffle(order)
-        for key in order:
-            start = time.perf_counter()
-            runs[key]()
-            samples[key].append(time.perf_counter() - start)
-    return samples
+    """ms per step of every (set, implementation) and of copy_, in rounds of shuffled order."""
+    runs = {(name, impl): make(shapes, common.CPU) for name, shapes in sets.items() for impl, make in IMPLS.items()}
+    runs[("copy_", "copy_")] = common.copy_step(copy_numel, common.CPU)
+    return common.interleaved_ms(runs, rounds, shuffle=random.Random(0).shuffle)
 
 
 def report(sets, samples, copy_numel, command):
+    stats = {key: common.quartiles(ms) for key, ms in samples.items()}  # (p25, median, p75)
+
     def median(key):
-        return statistics.median(samples[key])
+        return stats[key][1]
 
     # copy_ moves 12 bytes per float32 element: it reads the source, and each destination
     # line is read (write-allocate) before it is written. The optimizers write only lines
     # they have just read, so their counted bytes are all the traffic there is.
-    copy_gbs = 12 * copy_numel / median(("copy_", "copy_")) / 1e9
+    copy_gbs = 12 * copy_numel / median(("copy_", "copy_")) / 1e6
     lines = [
         BEGIN,
         "## Update-only step (fused CPU kernels, issue 3)",
@@ -157,15 +90,13 @@ def report(sets, samples, copy_numel, command):
     ]
     verdicts = []
     for name, shapes in sets.items():
-        numel = sum(torch.Size(s).numel() for s in shapes)
         adam = median((name, "adam fused"))
         for impl in IMPLS:
-            ms = samples[(name, impl)]
-            q = statistics.quantiles(ms, n=4, method="inclusive")
-            gbs = (28 if impl.startswith("adam") else 32) * numel / median((name, impl)) / 1e9
+            p25, ms, p75 = stats[(name, impl)]
+            gbs = common.gb_per_s(impl, common.numel(shapes), ms)
             lines.append(
-                f"| {name} | {impl} | {median((name, impl)) * 1e3:.2f} | {q[0] * 1e3:.2f}-{q[2] * 1e3:.2f} "
-                f"| {median((name, impl)) / adam:.2f} | {gbs:.1f} | {100 * gbs / copy_gbs:.0f}% |"
+                f"| {name} | {impl} | {ms:.2f} | {p25:.2f}-{p75:.2f} "
+                f"| {ms / adam:.2f} | {gbs:.1f} | {100 * gbs / copy_gbs:.0f}% |"
             )
         fused, reference = median((name, "adahessian fused")), median((name, "adahessian reference"))
         overhead = fused - median((name, "adahessian fused, functional core"))
@@ -175,7 +106,7 @@ def report(sets, samples, copy_numel, command):
         lines.append(
             f"- {name}: {vs_adam:.2f}x fused Adam (target < {adam_limit}x: {_verdict(vs_adam < adam_limit)}), "
             f"{speedup:.1f}x faster than reference (target >= {speedup_floor}x: {_verdict(speedup >= speedup_floor)}); "
-            f"the optimizer's Python bookkeeping over the functional core: {overhead * 1e3:+.2f} ms."
+            f"the optimizer's Python bookkeeping over the functional core: {overhead:+.2f} ms."
         )
     lines += [
         "",
@@ -191,7 +122,7 @@ def _verdict(met: bool) -> str:
     return "met" if met else "**missed**"
 
 
-def write_results(path: Path, section: str) -> None:
+def write_section(path: Path, section: str) -> None:
     """Replace this benchmark's section of the results file (other sections stay)."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
@@ -204,15 +135,15 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--results", type=Path, help="write the table into this markdown file")
     args = parser.parse_args(argv)
-    sets = dict(zip(TARGETS, (resnet18_shapes(), small_shapes())))
+    sets = dict(zip(TARGETS, (common.resnet18_shapes(), common.small_shapes())))
     # The fused step on ResNet-18 touches 5 float32 tensors per parameter; copy_ touches 2.
-    copy_numel = sum(torch.Size(s).numel() for s in sets["resnet18"]) * 5 // 2
+    copy_numel = common.numel(sets["resnet18"]) * 5 // 2
     samples = measure(sets, args.rounds, copy_numel)
     command = " ".join(["python -m", __spec__.name, *(sys.argv[1:] if argv is None else argv)])
     section = report(sets, samples, copy_numel, command)
     print(section)
     if args.results:
-        write_results(args.results, section)
+        write_section(args.results, section)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 
 import tolerances
 from adahessian import AdaHessian, backends, sampler
-from benchmarks import bench
+from benchmarks import bench, common
 
 
 @pytest.fixture
@@ -84,3 +84,7 @@ def test_foreach_matches_reference(monkeypatch, options):
         for p, q in zip(model.parameters(), twin.parameters()):
             tolerances.assert_trajectory_close(q, p, step + 1)
 
+
+def test_update_only_sets_have_torchvisions_sizes():
+    assert common.resnet18_shapes()[-2:] == [(1000, 512), (1000,)]  # each asserts its count and size
+    assert common.resnet50_shapes()[-2:] == [(1000, 2048), (1000,)]
