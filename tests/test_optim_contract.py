@@ -11,42 +11,10 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from adahessian import AdaHessian
-
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(1, 3, 3)
-        self.fc = torch.nn.Linear(3 * 4 * 4, 2)
-        self.head = torch.nn.Linear(2, 2).to(torch.bfloat16)
-
-    def forward(self, x):
-        return self.head(self.fc(torch.tanh(self.conv(x)).flatten(1)).to(torch.bfloat16)).float()
-
-
-def _make(backend, **options):
-    torch.manual_seed(0)
-    model = Net()
-    options = dict(dict(update_each=3, n_samples=2, average_conv_kernel=True, seed=99), **options)
-    opt = AdaHessian(
-        [{"params": [model.conv.weight, model.conv.bias], "lr": 0.05},
-         {"params": list(model.fc.parameters()) + list(model.head.parameters()), "weight_decay": 0.01}],
-        backend=backend, **options,
-    )
-    return model, opt
-
-
-def _batches(n, first=0):
-    g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(5, 1, 6, 6, generator=g), torch.randint(0, 2, (5,), generator=g)) for _ in range(first + n)]
-    return batches[first:]
-
-
-def _train(model, opt, batches):
-    for x, y in batches:
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward(create_graph=opt.hessian_due)
-        opt.step()
+from training import checkpoint_batches as _batches
+from training import checkpoint_groups
+from training import checkpoint_run as _make
+from training import train as _train
 
 
 def _assert_same(model_a, model_b):
@@ -58,12 +26,8 @@ def _twin(model, backend):
     """A copy of ``model`` with a new optimizer built with the constructor's defaults:
     whatever it loads must bring the settings (update_each=3, seed=99, ...) along."""
     twin = copy.deepcopy(model)
-    opt = AdaHessian(
-        [{"params": [twin.conv.weight, twin.conv.bias]},
-         {"params": list(twin.fc.parameters()) + list(twin.head.parameters())}],
-        backend=backend,
-    )
-    return twin, opt
+    groups = [{"params": group["params"]} for group in checkpoint_groups(twin)]  # constructor's lr, weight decay too
+    return twin, AdaHessian(groups, backend=backend)
 
 
 def _uninterrupted(backend, steps=9):

@@ -6,41 +6,9 @@ import pytest
 import torch
 
 from adahessian import AdaHessian
-
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(1, 3, 3)
-        self.fc = torch.nn.Linear(3 * 4 * 4, 2)
-        self.head = torch.nn.Linear(2, 2).to(torch.bfloat16)
-
-    def forward(self, x):
-        h = self.fc(torch.tanh(self.conv(x)).flatten(1))
-        return self.head(h.to(torch.bfloat16)).float()
-
-
-def _batches(n):
-    g = torch.Generator().manual_seed(3)
-    return [(torch.randn(5, 1, 6, 6, generator=g), torch.randint(0, 2, (5,), generator=g)) for _ in range(n)]
-
-
-def _make(backend):
-    torch.manual_seed(0)
-    model = Net()
-    opt = AdaHessian(
-        [{"params": [model.conv.weight, model.conv.bias], "lr": 0.05},
-         {"params": list(model.fc.parameters()) + list(model.head.parameters()), "weight_decay": 0.01}],
-        update_each=3, n_samples=2, average_conv_kernel=True, seed=99, backend=backend,
-    )
-    return model, opt
-
-
-def _train(model, opt, batches):
-    for x, y in batches:
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward(create_graph=opt.hessian_due)
-        opt.step()
+from training import checkpoint_batches as _batches
+from training import checkpoint_run as _make
+from training import train as _train
 
 
 def test_resume_continues_bit_for_bit(backend):
