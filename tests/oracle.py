@@ -1,4 +1,4 @@
-"""Independent oracles for the tests: SPEC section 3 re-derived in float64 on a
+"""Independent oracles for the tests: docs/algorithm.md, section 1, re-derived in float64 on a
 separable objective, where the Hutchinson estimate is exact for every z."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Separable:
 
 
 def oracle_trajectory(problem, hypers, steps, *, update_each=1, average_conv_kernel=False):
-    """SPEC section 3 in float64, written out plainly. ``hypers[n]`` holds the
+    """docs/algorithm.md, section 1, in float64, written out plainly. ``hypers[n]`` holds the
     per-parameter lr, betas, eps, weight_decay, hessian_power. Returns the
     parameters after every step."""
     ws = [w.double().clone() for w in problem.init]

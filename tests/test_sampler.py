@@ -1,4 +1,4 @@
-"""The pinned Rademacher sampler (SPEC section 4) against a plain-Python-int copy of
+"""The pinned Rademacher sampler (docs/algorithm.md, section 2) against a plain-Python-int copy of
 the formula, plus its statistical properties."""
 
 import pytest
