@@ -100,11 +100,15 @@ def all_reduce_mean_(tensors: list[Tensor], group) -> None:
     # NCCL averages in the collective; gloo has no AVG: sum, then divide.
     op = dist.ReduceOp.AVG if dist.get_backend(group) == "nccl" else dist.ReduceOp.SUM
     buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
+    filled: dict[tuple[torch.device, torch.dtype], int] = {}  # elements in each chain's last bucket
     for t in tensors:
-        chain = buckets.setdefault((t.device, t.dtype), [[]])
-        if chain[-1] and sum(x.numel() for x in chain[-1]) + t.numel() > BUCKET_ELEMENTS:
+        key = (t.device, t.dtype)
+        chain = buckets.setdefault(key, [[]])
+        if chain[-1] and filled[key] + t.numel() > BUCKET_ELEMENTS:
             chain.append([])
+            filled[key] = 0
         chain[-1].append(t)
+        filled[key] = filled.get(key, 0) + t.numel()
     pending = []
     for chain in buckets.values():
         for members in chain:

@@ -66,3 +66,20 @@ def test_a_failing_rank_does_not_hang_the_others(tmp_path):
     codes, results = launch(tmp_path, 2, "reference", "rank_raises")
     assert codes[1] != 0  # the failing rank
     assert codes[0] != 0 and results[0] is None  # the other one gave up instead of hanging
+
+
+def test_buckets_fill_up_to_the_element_limit_in_order(one_rank_group, monkeypatch):
+    import torch.distributed as dist
+
+    from adahessian import distributed
+
+    monkeypatch.setattr(distributed, "BUCKET_ELEMENTS", 10)
+    sizes = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, **kw: sizes.append((t.dtype, t.numel())) or real(t, **kw))
+    tensors = [torch.full((n,), float(n)) for n in (4, 4, 4, 12, 1)] + [torch.ones(3, dtype=torch.float64)]
+    before = [t.clone() for t in tensors]
+    distributed.all_reduce_mean_(tensors, dist.group.WORLD)
+    # float32: [4, 4] | [4] | [12] (alone: larger than the limit) | [1]; float64: [3].
+    assert sizes == [(torch.float32, 8), (torch.float32, 4), (torch.float32, 12), (torch.float32, 1), (torch.float64, 3)]
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))  # the mean over one rank
