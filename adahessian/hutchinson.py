@@ -24,7 +24,9 @@ NO_GRAPH_MESSAGE = (
     "AdaHessian needs the graph of the gradients to compute Hessian-vector products, but "
     "the gradients were computed without one: call loss.backward(create_graph=True) before "
     "optimizer.step() (or loss.backward(create_graph=optimizer.hessian_due) to pay for it "
-    "only on the steps that recompute the Hessian)."
+    "only on the steps that recompute the Hessian; read hessian_due after changing "
+    "update_each, n_samples or average_conv_kernel, since a change makes the next step a "
+    "Hessian step)."
 )
 
 SDPA_MESSAGE = (
@@ -66,6 +68,7 @@ class GraphRecord:
     def __init__(self) -> None:
         self.create_graph: dict[int, bool] = {}
         self.warned: set[int] = set()
+        self.walked = False
         self._handles: list = []
 
     def watch(self, index: int, param: Tensor) -> None:
@@ -99,6 +102,10 @@ class GraphRecord:
         if new:
             self.warned.update(idx for idx, _ in new)
             warnings.warn(_no_graph_warning(", ".join(str(tuple(p.shape)) for _, p in new)), stacklevel=5)
+        if not self.walked:  # once: the walk visits the whole graph
+            self.walked = True
+            if _passes_once_differentiable([g for g in grads if g is not None and has_graph(g)]):
+                warnings.warn(ONCE_DIFFERENTIABLE_WARNING, stacklevel=5)
 
 
 def estimate(
@@ -198,6 +205,32 @@ def _scaled_hessian_vector_products(
         if overflow is not amp.Overflow.HESSIAN or retries == hessian_scale.RETRIES or not hessian_scale.back_off():
             return hzs, overflow
         retries += 1
+
+
+ONCE_DIFFERENTIABLE_WARNING = (
+    "AdaHessian: the gradients' graph passes through a part of the model without double "
+    "backward (a custom torch.autograd.Function whose backward is marked "
+    "@once_differentiable, or a fused kernel like it): the Hessian-vector products leave "
+    "out every term that flows through it, so D is wrong for the parameters before it. "
+    "Use ops with a double backward there (write the backward with differentiable torch "
+    "ops, or use the plain PyTorch version of the op) for the Hessian steps."
+)
+
+
+def _passes_once_differentiable(grads: list[Tensor]) -> bool:
+    """Does the graph of ``grads`` hold the node that ``@once_differentiable`` puts in
+    place of a backward's own graph (it raises only if autograd reaches it, which a
+    Hessian-vector product that flows around it never does)?"""
+    seen, stack = set(), [g.grad_fn for g in grads]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if isinstance(node, torch._C._functions.Error):
+            return True
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def _no_graph_warning(shapes: str) -> str:

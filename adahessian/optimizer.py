@@ -509,10 +509,10 @@ def _validate_settings(group: dict[str, Any]) -> tuple:
     """Check the optimizer-wide settings in ``group`` (ValueError naming the bad one);
     their tuple."""
     update_each, n_samples, seed, backend = group["update_each"], group["n_samples"], group["seed"], group["backend"]
-    if not (isinstance(update_each, int) and update_each >= 1):
-        raise ValueError(f"Invalid update_each: {update_each} (an int >= 1)")
-    if not (isinstance(n_samples, int) and n_samples >= 1):
-        raise ValueError(f"Invalid n_samples: {n_samples} (an int >= 1)")
+    if not (isinstance(update_each, int) and not isinstance(update_each, bool) and update_each >= 1):
+        raise ValueError(f"Invalid update_each: {update_each!r} (an int >= 1)")
+    if not (isinstance(n_samples, int) and not isinstance(n_samples, bool) and n_samples >= 1):
+        raise ValueError(f"Invalid n_samples: {n_samples!r} (an int >= 1)")
     if not isinstance(group["average_conv_kernel"], bool):
         raise ValueError(f"Invalid average_conv_kernel: {group['average_conv_kernel']!r} (a bool)")
     if backend not in BACKENDS:

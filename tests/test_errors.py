@@ -226,3 +226,44 @@ def test_unavailable_fused_backend(monkeypatch):
     with pytest.warns(UserWarning, match=r"no compiler here; using the reference path"):
         opt = AdaHessian([_w()], backend="auto")
     assert opt._backend_for(torch.device("cpu")) == "reference"
+
+
+class OnceDifferentiableTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+def test_a_once_differentiable_function_inside_the_model_is_named_once(backend):
+    # The gradients carry a graph, so nothing raises; the Hessian-vector product flows
+    # around the function and silently drops its terms unless someone says so.
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)
+    opt = AdaHessian(list(first.parameters()) + list(second.parameters()), backend=backend)
+    x = torch.randn(6, 3)
+    for step in range(2):
+        opt.zero_grad()
+        ours = _step_recording_warnings(opt, second(OnceDifferentiableTanh.apply(first(x))).pow(2).mean())
+        assert len(ours) == (1 if step == 0 else 0), ours
+        if ours:
+            assert "@once_differentiable" in ours[0] and "D is wrong" in ours[0]
+
+
+def test_a_model_with_double_backward_everywhere_gets_no_such_warning(backend):
+    first, second = torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)
+    opt = AdaHessian(list(first.parameters()) + list(second.parameters()), backend=backend)
+    assert _step_recording_warnings(opt, second(torch.tanh(first(torch.randn(6, 3)))).pow(2).mean()) == []
+
+
+@pytest.mark.parametrize("name", ["update_each", "n_samples"])
+def test_a_bool_is_not_a_count(name):
+    with pytest.raises(ValueError, match=name):
+        AdaHessian([_w()], backend="reference", **{name: True})
