@@ -20,7 +20,8 @@ TORCH_LIBRARY(adahessian, m) {
   // Hessian step: hzs and keys given, D = (partial_sums + z * Hz) / n_samples / scale,
   // stored into hessians when given. Other steps: hzs empty, D read from hessians.
   // steps: each parameter's step count after this step. grad_scale divides grad and Hz;
-  // a nonzero found_inf leaves every tensor untouched (GradScaler).
+  // a nonzero found_inf leaves every tensor untouched. AdaHessian.step() passes neither
+  // (adahessian/amp.py unscales and decides skips).
   m.def(
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_hessian_diag_sqs, Tensor(d!)[] hessians, Tensor[] hzs, Tensor[] partial_sums, "
