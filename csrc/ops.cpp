@@ -17,15 +17,13 @@ TORCH_LIBRARY(adahessian, m) {
   // partial_sums[i] += z * hzs[i], z regenerated from keys[i] (a Hutchinson sample but the last).
   m.def("accumulate_hessian_(Tensor(a!)[] partial_sums, Tensor[] hzs, int[] keys) -> ()");
   // One AdaHessian step per parameter (docs/algorithm.md, section 1), one pass over memory each.
-  // Hessian step: hzs and keys given, D = (partial_sums + z * Hz) / n_samples / scale,
+  // Hessian step: hzs and keys given, D = (partial_sums + z * Hz) / n_samples,
   // stored into hessians when given. Other steps: hzs empty, D read from hessians.
-  // steps: each parameter's step count after this step. grad_scale divides grad and Hz;
-  // a nonzero found_inf leaves every tensor untouched. AdaHessian.step() passes neither
-  // (adahessian/amp.py unscales and decides skips).
+  // steps: each parameter's step count after this step. Gradients and Hz come unscaled:
+  // adahessian/amp.py unscales and decides GradScaler skips before any kernel runs.
   m.def(
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_hessian_diag_sqs, Tensor(d!)[] hessians, Tensor[] hzs, Tensor[] partial_sums, "
       "int[] keys, int[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "float hessian_power, int n_samples, bool average_conv_kernel, Tensor? grad_scale, "
-      "Tensor? found_inf) -> ()");
+      "float hessian_power, int n_samples, bool average_conv_kernel) -> ()");
 }

@@ -167,37 +167,6 @@ def test_functional_step_matches_the_reference(dtype, case, hessian_power, avera
     assert_functional_close(got, want, lists, options)
 
 
-def kernel_loss_scale_is_exact(device=CPU):
-    """The kernels' own loss-scale arguments (the optimizer unscales before the core):
-    grads, Hz and partial sums scaled by 2^10 with grad_scale = 2^10 give bitwise the
-    unscaled step (scaling by a power of two is exact), and found_inf = 1 leaves every
-    tensor untouched."""
-    lists, estimate = _problem(torch.float32, hessian_step=True, kept=True, n_samples=2, channels_last=True)
-    lists, estimate = _to(device, lists), _to(device, estimate)
-    options = dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, hessian_power=1.0, n_samples=2,
-                   average_conv_kernel=True)
-
-    def step(scale, found_inf):
-        out = copy.deepcopy(lists)
-        backends.fused.kernels(out["params"]).fused_step_(
-            out["params"], [g * scale for g in out["grads"]], out["exp_avgs"], out["exp_hessian_diag_sqs"],
-            out["hessians"], hzs=[h * scale for h in estimate.hzs], partial_sums=[s * scale for s in estimate.partial_sums],
-            keys=estimate.keys, steps=out["state_steps"], **options,
-            grad_scale=torch.tensor([scale], device=device), found_inf=torch.tensor([found_inf], device=device),
-        )
-        return out
-
-    unscaled, scaled, skipped = step(1.0, 0.0), step(2.0**10, 0.0), step(2.0**10, 1.0)
-    for name in ("params", "exp_avgs", "exp_hessian_diag_sqs", "hessians"):
-        assert all(torch.equal(s, u) for s, u in zip(scaled[name], unscaled[name])), name
-        assert all(torch.equal(s, w) for s, w in zip(skipped[name], lists[name])), name
-    assert not torch.equal(unscaled["params"][0], lists["params"][0])
-
-
-def test_kernel_loss_scale_is_exact():
-    kernel_loss_scale_is_exact()
-
-
 @pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_hessians_are_kept_for_all_parameters_or_none(backend):
     lists, estimate = _problem(torch.float32, hessian_step=True, kept=True, n_samples=1, channels_last=False)
@@ -219,7 +188,7 @@ def _op_args(hessian_step):
         [rand(s) for s in shapes], [rand(s) for s in shapes], [rand(s) for s in shapes],
         [rand(s).abs() for s in shapes], [rand(s) for s in shapes],
         [rand(s) for s in shapes] if hessian_step else [], [], [1, 2] if hessian_step else [], [4, 4],
-        0.01, 0.9, 0.999, 1e-8, 0.01, 1.0, 1, True, torch.tensor([4.0]), torch.tensor([0.0]),
+        0.01, 0.9, 0.999, 1e-8, 0.01, 1.0, 1, True,
     )
 
 

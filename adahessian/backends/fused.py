@@ -32,7 +32,7 @@ def step_(
         partial_sums=[] if estimate is None or estimate.partial_sums is None else estimate.partial_sums,
         keys=[] if estimate is None else estimate.keys, steps=state_steps, n_samples=n_samples, lr=lr,
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
-        average_conv_kernel=average_conv_kernel, grad_scale=None, found_inf=None,
+        average_conv_kernel=average_conv_kernel,
     )
 
 

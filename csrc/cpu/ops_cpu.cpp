@@ -86,18 +86,18 @@ const opmath_t* as_opmath(const scalar_t* src, opmath_t* scratch, int64_t n) {
   }
 }
 
-// out = hessian_estimate(z, Hz, partial_sum or 0, n_samples, inv_scale) over the tile of
+// out = hessian_estimate(z, Hz, partial_sum or 0, n_samples) over the tile of
 // n elements at logical index `start`; z is generated into z_scratch, which may be out.
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 void estimate_tile(uint32_t key, int64_t start, int64_t n, const scalar_t* hz, const opmath_t* partial_sum,
-                   opmath_t n_samples, opmath_t inv_scale, opmath_t* z_scratch, opmath_t* hz_scratch, opmath_t* out) {
+                   opmath_t n_samples, opmath_t* z_scratch, opmath_t* hz_scratch, opmath_t* out) {
   using Vec = Vectorized<opmath_t>;
   rademacher_fill(z_scratch, key, start, n);
   const opmath_t* h = as_opmath(hz, hz_scratch, n);
-  const Vec samples(n_samples), scale(inv_scale), zero(0);
+  const Vec samples(n_samples), zero(0);
   for_each_vector<Vec>(n, [&](int64_t k, int64_t m) {
     const Vec sum = partial_sum ? Vec::loadu(partial_sum + k, m) : zero;
-    hessian_estimate(Vec::loadu(z_scratch + k, m), Vec::loadu(h + k, m), sum, samples, scale).store(out + k, m);
+    hessian_estimate(Vec::loadu(z_scratch + k, m), Vec::loadu(h + k, m), sum, samples).store(out + k, m);
   });
 }
 
@@ -132,9 +132,9 @@ void accumulate_chunk(const Tensor& acc, const Tensor& hz, uint32_t key, int64_t
   opmath_t z[kTile], hz_scratch[kTile];
   for (int64_t start = begin; start < end; start += kTile) {
     opmath_t* a = acc.data_ptr<opmath_t>() + start;
-    // acc + z * Hz, in the reference's order: the estimate with n_samples = scale = 1.
+    // acc + z * Hz, in the reference's order: the estimate with n_samples = 1.
     estimate_tile(key, start, std::min(kTile, end - start), hz.const_data_ptr<scalar_t>() + start, a,
-                  opmath_t(1), opmath_t(1), z, hz_scratch, a);
+                  opmath_t(1), z, hz_scratch, a);
   }
 }
 
@@ -204,7 +204,7 @@ void step_chunk(const StepTensor& t, double n_samples, int64_t begin, int64_t en
     const opmath_t* d = hessian ? hessian + start : nullptr;
     if (hz) {
       estimate_tile(t.key, start, n, hz + start, partial_sum ? partial_sum + start : nullptr, opmath_t(n_samples),
-                    opmath_t(t.coefficients.inv_scale), d_tile, hz_scratch, d_tile);
+                    d_tile, hz_scratch, d_tile);
       d = d_tile;
     }
     // 2. Conv-kernel averaging: each group's mean of |D|.
@@ -244,15 +244,11 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
                     at::TensorList partial_sums, at::IntArrayRef keys, at::IntArrayRef steps, double lr,
                     double beta1, double beta2, double eps, double weight_decay, double hessian_power,
-                    int64_t n_samples, bool average_conv_kernel, const std::optional<Tensor>& grad_scale,
-                    const std::optional<Tensor>& found_inf) {
+                    int64_t n_samples, bool average_conv_kernel) {
   check_step_arguments(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, partial_sums, keys, steps,
                        n_samples);
   const size_t count = params.size();
   const bool hessian_step = !hzs.empty();
-  if (found_inf.has_value() && found_inf->item<double>() != 0) return;  // GradScaler skips this step
-
-  const double inv_scale = grad_scale.has_value() ? 1.0 / grad_scale->item<double>() : 1.0;
   const Power power = power_of(hessian_power);
 
   ContiguousViews views;
@@ -276,7 +272,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       if (!partial_sums.empty()) t.partial_sum = views.read(partial_sums[i]);
     }
     t.averaging = averaging_of(p, average_conv_kernel);
-    t.coefficients = step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power, inv_scale);
+    t.coefficients = step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power);
     numel.push_back(p.numel());
     group.push_back(t.averaging.group);
     tensors.push_back(std::move(t));

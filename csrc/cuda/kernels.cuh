@@ -190,7 +190,7 @@ __global__ void accumulate_kernel(const AccumulateMeta<scalar_t>* metas, const C
   const AccumulateMeta<scalar_t> t = metas[ch.tensor];
   for (int64_t i = ch.begin + threadIdx.x; i < ch.end; i += blockDim.x) {
     const opmath_t z = rademacher_sign<opmath_t>(rademacher_base(t.key, i), i);
-    t.partial_sum[i] = hessian_estimate<opmath_t>(z, t.hz[i], t.partial_sum[i], 1, 1);
+    t.partial_sum[i] = hessian_estimate<opmath_t>(z, t.hz[i], t.partial_sum[i], 1);
   }
 }
 
@@ -237,16 +237,15 @@ struct StepMeta {
 template <typename opmath_t>
 struct StepScalars {
   opmath_t n_samples;
-  const float* grad_scale;  // GradScaler's scale on the device, or null
 };
 
 // D at element i: this step's estimate, or the kept one.
 template <typename scalar_t, typename opmath_t>
-__device__ inline opmath_t estimate_at(const StepMeta<scalar_t>& t, int64_t i, opmath_t n_samples, opmath_t inv_scale) {
+__device__ inline opmath_t estimate_at(const StepMeta<scalar_t>& t, int64_t i, opmath_t n_samples) {
   if (t.hz == nullptr) return t.hessian[i];
   const opmath_t z = rademacher_sign<opmath_t>(rademacher_base(t.key, i), i);
   const opmath_t sum = t.partial_sum ? t.partial_sum[i] : opmath_t(0);
-  return hessian_estimate<opmath_t>(z, static_cast<opmath_t>(t.hz[i]), sum, n_samples, inv_scale);
+  return hessian_estimate<opmath_t>(z, static_cast<opmath_t>(t.hz[i]), sum, n_samples);
 }
 
 template <Power power, typename scalar_t, typename opmath_t>
@@ -277,7 +276,7 @@ __device__ inline void update_pack(const StepMeta<scalar_t>& t, int64_t i, opmat
 #pragma unroll
     for (int k = 0; k < kPack; ++k) {
       const opmath_t z = rademacher_sign<opmath_t>(rademacher_base(t.key, i + k), i + k);
-      d[k] = hessian_estimate<opmath_t>(z, static_cast<opmath_t>(h[k]), s[k], n_samples, c.inv_scale);
+      d[k] = hessian_estimate<opmath_t>(z, static_cast<opmath_t>(h[k]), s[k], n_samples);
     }
     if (t.hessian) store(t.hessian + i, d);
   } else {
@@ -296,13 +295,11 @@ __device__ inline void update_pack(const StepMeta<scalar_t>& t, int64_t i, opmat
 
 template <Power power, typename scalar_t>
 __global__ void fused_step_kernel(const StepMeta<scalar_t>* metas, const Chunk* chunks,
-                                  StepScalars<at::opmath_type<scalar_t>> scalars, const float* found_inf) {
+                                  StepScalars<at::opmath_type<scalar_t>> scalars) {
   using opmath_t = at::opmath_type<scalar_t>;
-  if (found_inf != nullptr && *found_inf != 0.f) return;  // GradScaler skips this step
   const Chunk ch = chunks[blockIdx.x];
   const StepMeta<scalar_t> t = metas[ch.tensor];
-  StepCoefficients<opmath_t> c = t.coefficients;
-  if (scalars.grad_scale != nullptr) c.inv_scale = opmath_t(1) / static_cast<opmath_t>(*scalars.grad_scale);
+  const StepCoefficients<opmath_t> c = t.coefficients;
 
   if (t.averaging.average) {
     // Conv-kernel averaging: a lane owns whole groups (chunks hold whole groups): the
@@ -310,7 +307,7 @@ __global__ void fused_step_kernel(const StepMeta<scalar_t>* metas, const Chunk* 
     const int64_t group = t.averaging.group;
     for (int64_t g = ch.begin + int64_t(threadIdx.x) * group; g < ch.end; g += int64_t(blockDim.x) * group) {
       const opmath_t d = group_mean_abs<opmath_t>(
-          group, [&](int64_t k) { return estimate_at(t, g + k, scalars.n_samples, c.inv_scale); });
+          group, [&](int64_t k) { return estimate_at(t, g + k, scalars.n_samples); });
       for (int64_t i = g; i < g + group; ++i) update_at<power>(t, i, d, c);
     }
     return;
@@ -323,18 +320,8 @@ __global__ void fused_step_kernel(const StepMeta<scalar_t>* metas, const Chunk* 
     i = ch.begin + (ch.end - ch.begin) / kPack * kPack;  // the tail of the tensor's last chunk
   }
   for (i += threadIdx.x; i < ch.end; i += blockDim.x) {
-    update_at<power>(t, i, estimate_at(t, i, scalars.n_samples, c.inv_scale), c);
+    update_at<power>(t, i, estimate_at(t, i, scalars.n_samples), c);
   }
-}
-
-// A one-element float32 tensor of GradScaler's on the runtime's device, or null.
-template <typename Runtime>
-const float* scaler_value(const std::optional<Tensor>& t, const at::Device& device, const char* what) {
-  if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 1, "adahessian::fused_step_: ", what,
-              " must be a one-element float32 tensor");
-  check_device<Runtime>(*t, device, what);
-  return t->const_data_ptr<float>();
 }
 
 template <typename Runtime>
@@ -342,15 +329,12 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
                 at::TensorList partial_sums, at::IntArrayRef keys, at::IntArrayRef steps, double lr, double beta1,
                 double beta2, double eps, double weight_decay, double hessian_power, int64_t n_samples,
-                bool average_conv_kernel, const std::optional<Tensor>& grad_scale,
-                const std::optional<Tensor>& found_inf) {
+                bool average_conv_kernel) {
   check_step_arguments(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, partial_sums, keys, steps,
                        n_samples);
   if (params.empty()) return;
   const bool hessian_step = !hzs.empty();
   const Power power = power_of(hessian_power);
-  const float* scale = scaler_value<Runtime>(grad_scale, params[0].device(), "grad_scale");
-  const float* inf = scaler_value<Runtime>(found_inf, params[0].device(), "found_inf");
   for_each_dtype<Runtime>(params, "params", [&](at::ScalarType dtype, const std::vector<size_t>& indices,
                                                 ContiguousViews& views, const at::Device& device) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_step_", [&] {
@@ -379,16 +363,16 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
                        pack_aligned(t.exp_hessian_diag_sq) && (!t.hessian || pack_aligned(t.hessian)) &&
                        (!t.hz || pack_aligned(t.hz)) && (!t.partial_sum || pack_aligned(t.partial_sum));
         t.coefficients = rounded<opmath_t>(
-            step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power, 1.0));
+            step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power));
         metas.push_back(t);
         numel.push_back(p.numel());
         group.push_back(t.averaging.group);
       }
-      const StepScalars<opmath_t> scalars{static_cast<opmath_t>(n_samples), scale};
+      const StepScalars<opmath_t> scalars{static_cast<opmath_t>(n_samples)};
       launch_over_chunks<Runtime>(metas, numel, group, device, [&](const auto& table) {
         dispatch_power(power, [&](auto p) {
           Runtime::launch(fused_step_kernel<decltype(p)::value, scalar_t>, table.num_chunks, table.metas,
-                          table.chunks, scalars, inf);
+                          table.chunks, scalars);
         });
       });
     });

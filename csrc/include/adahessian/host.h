@@ -119,10 +119,10 @@ inline Averaging averaging_of(const at::Tensor& param, bool average_conv_kernel)
 // The scalars of one tensor's update exactly as the reference path forms them, in
 // double (the kernels round them to their arithmetic type).
 inline StepCoefficients<double> step_coefficients(int64_t step, double lr, double beta1, double beta2, double eps,
-                                                  double weight_decay, double hessian_power, double inv_scale) {
+                                                  double weight_decay, double hessian_power) {
   const auto s = static_cast<double>(step);
   return {1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, 1 - std::pow(beta2, s),
-          -lr / (1 - std::pow(beta1, s)), eps, hessian_power / 2, inv_scale};
+          -lr / (1 - std::pow(beta1, s)), eps, hessian_power / 2};
 }
 
 // The coefficients rounded to the arithmetic type T, as the reference path's Python
@@ -131,7 +131,7 @@ template <typename T, typename V = T>
 StepCoefficients<V> rounded(const StepCoefficients<double>& c) {
   const auto r = [](double x) { return V(static_cast<T>(x)); };
   return {r(c.weight_decay_factor), r(c.beta1), r(c.one_minus_beta1), r(c.beta2), r(c.one_minus_beta2),
-          r(c.bias_correction2), r(c.neg_step_size), r(c.eps), r(c.exponent), r(c.inv_scale)};
+          r(c.bias_correction2), r(c.neg_step_size), r(c.eps), r(c.exponent)};
 }
 
 // The list lengths of rademacher_ and accumulate_hessian_: one tensor per key.

@@ -36,12 +36,11 @@ C10_HOST_DEVICE inline T rademacher_sign(uint32_t base, uint64_t index) {
 }
 
 // D of the last Hutchinson sample, in the reference path's order of operations:
-// (sum of z * Hz over the earlier samples + z * Hz) / n_samples, then unscaled by
-// GradScaler's 1 / scale. Kernels pass identities (0, 1, 1) for absent terms: they
-// change no bits.
+// (sum of z * Hz over the earlier samples + z * Hz) / n_samples. Kernels pass
+// identities (0, 1) for absent terms: they change no bits.
 template <typename T>
-C10_HOST_DEVICE inline T hessian_estimate(T z, T hz, T partial_sum, T n_samples, T inv_scale) {
-  return (partial_sum + z * hz) / n_samples * inv_scale;
+C10_HOST_DEVICE inline T hessian_estimate(T z, T hz, T partial_sum, T n_samples) {
+  return (partial_sum + z * hz) / n_samples;
 }
 
 // Scalars of one tensor's update, computed once per call on the host (in double, then
@@ -55,7 +54,6 @@ struct StepCoefficients {
   T neg_step_size;        // -lr / (1 - beta1^step)
   T eps;
   T exponent;             // hessian_power / 2
-  T inv_scale;            // 1 / GradScaler's scale, or 1
 };
 
 // (v / bias_correction2)^(hessian_power / 2) has fast paths for the common powers.
@@ -83,7 +81,7 @@ C10_HOST_DEVICE inline T group_mean_abs(int64_t group, const D& d) {
 template <Power power, typename Math = ScalarMath, typename T>
 C10_HOST_DEVICE inline void adahessian_update(T& p, T& m, T& v, T grad, T d, const StepCoefficients<T>& c) {
   p = p * c.weight_decay_factor;
-  m = m * c.beta1 + grad * c.inv_scale * c.one_minus_beta1;
+  m = m * c.beta1 + grad * c.one_minus_beta1;
   v = v * c.beta2 + c.one_minus_beta2 * d * d;
   T v_hat = v / c.bias_correction2;
   T denom;
