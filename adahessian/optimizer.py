@@ -4,7 +4,6 @@ them to the functional core (:mod:`adahessian.functional`)."""
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
