@@ -82,7 +82,7 @@ def unscale_gradients_(grads: list[Tensor], scale: LossScale) -> None:
     if scale.scale is None or not scale.grads_scaled:
         return
     for device, tensors in _by_device(grads).items():
-        torch._foreach_mul_(tensors, scale.scale.to(device).double().reciprocal().float().reshape(()))
+        torch._foreach_mul_(tensors, _reciprocal(scale.scale, device))
 
 
 def unscale_and_check_(tensors: list[Tensor], divisor: Tensor, found_inf: Tensor | None) -> Overflow:
@@ -90,7 +90,7 @@ def unscale_and_check_(tensors: list[Tensor], divisor: Tensor, found_inf: Tensor
     the division: a divisor below 1 can overflow a finite value); one host read, which
     reads GradScaler's ``found_inf`` too."""
     for device, group in _by_device(tensors).items():
-        torch._foreach_mul_(group, divisor.to(device).double().reciprocal().float().reshape(()))
+        torch._foreach_mul_(group, _reciprocal(divisor, device))
     status = 2 * _nonfinite(tensors).to(torch.int32)
     if found_inf is not None:
         status += (found_inf.to(status.device).reshape(()) > 0).to(torch.int32)
@@ -107,12 +107,19 @@ def any_nonfinite(tensors: list[Tensor]) -> bool:
 
 def _nonfinite(tensors: list[Tensor]) -> Tensor:
     """A 0-dim bool tensor (no host read): any inf or NaN in ``tensors``? One foreach
-    max-norm per device."""
-    norms = [n.reshape(1) for ts in _by_device(tensors).values() for n in torch._foreach_norm(ts, float("inf"))]
+    max-norm per device (empty tensors have none, and no max-norm)."""
+    groups = _by_device([t for t in tensors if t.numel()]).values()
+    norms = [n.reshape(1) for ts in groups for n in torch._foreach_norm(ts, float("inf"))]
     if not norms:
         return torch.tensor(False)
     device = norms[0].device
     return torch.logical_not(torch.isfinite(torch.cat([n.to(device) for n in norms])).all())
+
+
+def _reciprocal(scale: Tensor, device: torch.device) -> Tensor:
+    """1 / scale as the 0-dim float32 tensor on ``device`` that _foreach_mul_ takes
+    (exact for GradScaler's powers of two)."""
+    return scale.to(device).double().reciprocal().float().reshape(())
 
 
 def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:

@@ -250,3 +250,13 @@ def test_grads_are_left_unscaled_on_every_path(backend, distributed, request):
         grads[scaled] = [p.grad for p in model.parameters()]
     # A power-of-two scale divides exactly: p.grad is the unscaled gradient, bit for bit.
     assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
+
+
+def test_zero_size_parameters_under_a_grad_scaler(backend):
+    w, empty = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.zeros(0, 4))
+    opt = AdaHessian([w, empty], backend=backend)
+    before = w.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        backward_and_step((w**4).sum() + empty.sum(), opt, torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    assert not torch.equal(w.detach(), before) and opt.state[empty]["step"] == 2
