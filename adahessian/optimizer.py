@@ -192,12 +192,7 @@ class AdaHessian(Optimizer):
         _validate_hyperparameters(group)
         _validate_settings(group)
         if self.param_groups:
-            differ = [name for name in SETTINGS if group[name] != getattr(self, name)]
-            if differ:
-                raise ValueError(
-                    f"AdaHessian: {', '.join(differ)} must be the same in every param group (an optimizer-wide "
-                    f"setting); change it for all groups with optimizer.{differ[0]} = value"
-                )
+            _check_same_settings(group, self.param_groups[0])
         for p in params if isinstance(params, list) else ():
             if torch.is_tensor(p) and p.is_complex():
                 raise RuntimeError(
@@ -316,12 +311,7 @@ class AdaHessian(Optimizer):
         D restarts the count of Hessian steps here."""
         first = self.param_groups[0]
         for group in self.param_groups[1:]:
-            differ = [name for name in SETTINGS if group[name] != first[name]]
-            if differ:
-                raise ValueError(
-                    f"AdaHessian: the param groups disagree on {', '.join(differ)}, an optimizer-wide setting; "
-                    f"set it for all groups with optimizer.{differ[0]} = value"
-                )
+            _check_same_settings(group, first)
         settings = tuple(first[name] for name in SETTINGS)
         if settings == self._settings:
             return
@@ -502,6 +492,17 @@ def _upgrade(state_dict: dict[str, Any], defaults: dict[str, Any]) -> dict[str, 
     )
     groups = [{**group, **values} for group in state_dict["param_groups"]]
     return {**{k: v for k, v in state_dict.items() if k != "adahessian"}, "param_groups": groups}
+
+
+def _check_same_settings(group: dict[str, Any], first: dict[str, Any]) -> None:
+    """ValueError unless ``group`` holds the optimizer-wide settings of ``first``."""
+    differ = [name for name in SETTINGS if group[name] != first[name]]
+    if differ:
+        names = ", ".join(differ)
+        raise ValueError(
+            f"AdaHessian: the param groups disagree on {names}; {names} must be the same in every param group "
+            f"(an optimizer-wide setting): set it for all groups with optimizer.{differ[0]} = value"
+        )
 
 
 def _validate_settings(group: dict[str, Any]) -> tuple:
