@@ -10,7 +10,8 @@ The scaler sees only the gradients; Hz, typically larger, can overflow float16 w
 the gradients do not, and the scaler would then never back off. So the Hessian-vector
 product has its own factor ``c`` (a power of two, at most 1): its ``grad_outputs`` are
 ``z * c``, so the raw Hz carries ``S * c``. On a non-finite Hz, ``c`` backs off and the
-product is retried within the step; ``c`` grows back after a run of finite Hessian
+products are retried within the step (or, for products already summed by
+``AdaHessian.backward``, the step is skipped); ``c`` grows back after a run of finite Hessian
 steps, as GradScaler's scale does (README, "Mixed precision").
 
 Host reads with a GradScaler: one per step (on a Hessian step, one per try of the
@@ -140,10 +141,12 @@ class Overflow(Enum):
 class HessianScale:
     """The factor ``c`` on the Hessian-vector product's ``grad_outputs`` (module doc).
 
-    ``scale``: c, a power of two in [MIN_SCALE, 1]. Per Hessian-vector product, at most
-    ``RETRIES`` back-offs by ``BACKOFF`` (so one step covers a factor 2^16 of overflow);
-    a step whose Hz is still non-finite is skipped (``skipped_steps``), and ``c`` stays
-    backed off for the next one. After ``GROWTH_INTERVAL`` Hessian steps in a row with
+    ``scale``: c, a power of two in [MIN_SCALE, 1]. Per Hessian step (all its samples
+    together), at most ``RETRIES`` back-offs by ``BACKOFF`` (so one step covers a factor
+    2^16 of overflow); a step whose Hz is still non-finite is skipped
+    (``skipped_steps``), and ``c`` stays backed off for the next one. Products summed by
+    ``AdaHessian.backward`` / ``hessian_backward`` have no graph left to retry: on
+    overflow the step is skipped after one back-off. After ``GROWTH_INTERVAL`` Hessian steps in a row with
     no back-off, c doubles (up to 1). ``backoffs`` counts back-offs, for the record.
     """
 

@@ -1,7 +1,8 @@
 """The Hutchinson estimate ``D = E[z * Hz]`` of the Hessian diagonal (docs/algorithm.md,
 section 1, step 1): Rademacher vectors from the pinned sampler, Hessian-vector products
 from the gradients' graph, one ``torch.autograd.grad`` call per sample over all
-parameters, on every backend. Also the record that tells a missing
+parameters, on every backend; summed over several losses for ``AdaHessian.backward``
+and ``hessian_backward`` (:class:`Accumulated`). Also the record that tells a missing
 ``create_graph=True`` (the user's to fix) from a gradient that has no graph although one
 was asked for, and autograd's failure modes turned into errors that say what to do.
 """
@@ -26,7 +27,8 @@ NO_GRAPH_MESSAGE = (
     "optimizer.step() (or loss.backward(create_graph=optimizer.hessian_due) to pay for it "
     "only on the steps that recompute the Hessian; read hessian_due after changing "
     "update_each, n_samples or average_conv_kernel, since a change makes the next step a "
-    "Hessian step)."
+    "Hessian step), or optimizer.backward(loss) in place of loss.backward(), which does "
+    "that and frees the graph at once."
 )
 
 SDPA_MESSAGE = (
@@ -86,26 +88,107 @@ class GraphRecord:
     def check(self, indices: list[int], params: list[Tensor], grads: list[Tensor | None], *, any_graph: bool) -> None:
         """The rule for gradients without a graph on a Hessian step (README, "Gradients
         without a graph"): after a backward without ``create_graph`` it is the user's to
-        fix (RuntimeError); after one with it, the Hessian rows are zero (D = 0) and one
-        warning per parameter names the possible causes. Where no hook saw the gradient
-        arrive (set by hand), a step with no graph at all is taken for the former."""
-        missing, plain = [], False
+        fix (RuntimeError); after one with it, the Hessian rows are zero (D = 0: see
+        :meth:`warn_without_graph`). Where no hook saw the gradient arrive (set by hand),
+        a step with no graph at all is taken for the former."""
         for idx, p, grad in zip(indices, params, grads):
             if grad is None or has_graph(grad) or p.numel() == 0:
                 continue
             created = self.create_graph.get(idx)
-            plain = plain or created is False or (created is None and not any_graph)
-            missing.append((idx, p))
-        if plain:
-            raise RuntimeError(NO_GRAPH_MESSAGE + distributed.ddp_hint())
-        new = [(idx, p) for idx, p in missing if idx not in self.warned]
+            if created is False or (created is None and not any_graph):
+                raise RuntimeError(NO_GRAPH_MESSAGE + distributed.ddp_hint())
+
+    def warn_without_graph(self, pairs: list[tuple[int, Tensor]]) -> None:
+        """One warning naming the possible causes for the (flat index, parameter) pairs
+        whose gradient came from a ``create_graph`` backward without a graph, once per
+        parameter."""
+        self._warn_once(pairs, _no_graph_warning)
+
+    def warn_unreached(self, pairs: list[tuple[int, Tensor]]) -> None:
+        """The same for parameters that have a gradient but that no loss given to
+        ``AdaHessian.backward`` / ``hessian_backward`` reached."""
+        self._warn_once(pairs, _unreached_warning)
+
+    def walk_once(self, grads: list[Tensor]) -> None:
+        """Warn if the gradients' graph passes a part without double backward; once
+        (the walk visits the whole graph)."""
+        if grads and not self.walked:
+            self.walked = True
+            if _passes_once_differentiable(grads):
+                warnings.warn(ONCE_DIFFERENTIABLE_WARNING, stacklevel=5)
+
+    def _warn_once(self, pairs: list[tuple[int, Tensor]], message: Callable[[str], str]) -> None:
+        new = [(idx, p) for idx, p in pairs if idx not in self.warned and p.numel()]
         if new:
             self.warned.update(idx for idx, _ in new)
-            warnings.warn(_no_graph_warning(", ".join(str(tuple(p.shape)) for _, p in new)), stacklevel=5)
-        if not self.walked:  # once: the walk visits the whole graph
-            self.walked = True
-            if _passes_once_differentiable([g for g in grads if g is not None and has_graph(g)]):
-                warnings.warn(ONCE_DIFFERENTIABLE_WARNING, stacklevel=5)
+            warnings.warn(message(", ".join(str(tuple(p.shape)) for _, p in new)), stacklevel=6)
+
+
+class Accumulated:
+    """Hessian-vector products summed over the losses of one step, per flat parameter
+    index (the sampler's ``param_index``): the last sample's z and Hz (the parameters'
+    dtype) and the sum of ``z * Hz`` over the earlier samples (the state dtype). Raw: Hz
+    carries the loss scale S of a scaled loss and the factor ``factor`` (c) on z. Hz is
+    linear in the loss, so summing the products of several losses gives the product of
+    their sum (README, "Gradient accumulation and a sub-batch Hessian"). ``reached``:
+    the parameters some loss had a gradient for."""
+
+    def __init__(self, *, step: int, counter: int, n_samples: int, factor: float) -> None:
+        self.step, self.counter, self.n_samples, self.factor = step, counter, n_samples, factor
+        self.zs: dict[int, Tensor] = {}
+        self.hzs: dict[int, Tensor] = {}
+        self.partial_sums: dict[int, Tensor] = {}
+        self.reached: set[int] = set()
+
+    def belongs_to(self, step: int, counter: int, n_samples: int) -> bool:
+        return (self.step, self.counter, self.n_samples) == (step, counter, n_samples)
+
+
+def accumulate_(
+    acc: Accumulated,
+    grads: list[Tensor | None],
+    params: list[Tensor],
+    indices: list[int],
+    *,
+    seed: int,
+    backend_for: Callable[[torch.device], str],
+    record: GraphRecord,
+    retain_graph: bool,
+) -> None:
+    """Add to ``acc`` the Hessian-vector products of the graph of ``grads`` (the
+    gradients of ``params``, None where a loss does not reach one; ``indices``: their
+    flat positions), sample ``s`` with z drawn at sampler counter ``acc.counter + s``.
+    The graph is freed after the last sample unless ``retain_graph``. Gradients without
+    a graph get zero Hessian rows (one warning per parameter, ``record``). RuntimeError
+    naming the fix when the graph holds fused attention."""
+    reached = [n for n, grad in enumerate(grads) if grad is not None]
+    acc.reached.update(indices[n] for n in reached)
+    graph = [n for n in reached if has_graph(grads[n])]
+    record.warn_without_graph([(indices[n], params[n]) for n in reached if not has_graph(grads[n])])
+    record.walk_once([grads[n] for n in graph])
+    if not graph:
+        return
+    last = acc.n_samples - 1
+    for s in range(acc.n_samples):
+        keys = [sampler.rademacher_key(seed, indices[n], acc.counter + s) for n in graph]
+        zs = _sample([params[n] for n in graph], keys, backend_for)
+        outputs = zs if acc.factor == 1.0 else torch._foreach_mul(zs, acc.factor)
+        hzs = hessian_vector_products(
+            [grads[n] for n in graph], [params[n] for n in graph], outputs, retain_graph=retain_graph or s < last
+        )
+        if s == last:
+            for n, z, hz in zip(graph, zs, hzs):
+                idx = indices[n]
+                acc.zs[idx] = z
+                acc.hzs[idx] = hz if idx not in acc.hzs else acc.hzs[idx].add_(hz)
+            continue
+        sums = [acc.partial_sums.setdefault(indices[n], torch.zeros_like(params[n], dtype=state_dtype(params[n])))
+                for n in graph]
+        for ns in _by_device([params[n] for n in graph]).values():
+            functional.accumulate_hessian_(
+                [sums[m] for m in ns], [zs[m] for m in ns], [hzs[m] for m in ns], keys=[keys[m] for m in ns],
+                backend=backend_for(params[graph[ns[0]]].device),
+            )
 
 
 def estimate(
@@ -113,6 +196,7 @@ def estimate(
     grads: list[Tensor | None],
     indices: list[int],
     *,
+    accumulated: Accumulated | None,
     seed: int,
     counter: int,
     n_samples: int,
@@ -124,46 +208,76 @@ def estimate(
     """The Hutchinson estimate for ``params`` (their gradients ``grads``, None where a
     rank has none; ``indices``: their positions in the optimizer's flat parameter list,
     the sampler's ``param_index``), with sample ``s`` drawn at sampler counter
-    ``counter + s``. Under a loss scale, Hz is unscaled and checked, backing off on
-    overflow: the second result says whether the step overflowed (None without a
-    scale). Raises RuntimeError when the gradients have no graph (``record.check``) or
-    the graph has no double backward (fused attention)."""
-    graph = [n for n, grad in enumerate(grads) if grad is not None and has_graph(grad)]
-    record.check(indices, params, grads, any_graph=bool(graph))
-    by_device: dict[torch.device, list[int]] = {}
-    for n, p in enumerate(params):
-        by_device.setdefault(p.device, []).append(n)
-    partial_sums = [torch.zeros_like(p, dtype=state_dtype(p)) for p in params] if n_samples > 1 else None
-    for s in range(n_samples):
-        keys = [sampler.rademacher_key(seed, idx, counter + s) for idx in indices]
-        zs: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
-        for device, ns in by_device.items():
-            sampled = functional.sample_rademacher([params[n] for n in ns], [keys[n] for n in ns], backend=backend_for(device))
-            for n, z in zip(ns, sampled):
-                zs[n] = z
-        hzs: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
-        overflow = None
-        if graph:
-            args = ([grads[n] for n in graph], [params[n] for n in graph], [zs[n] for n in graph])
-            if loss_scale.scale is None:
-                graph_hzs = hessian_vector_products(*args, retain_graph=s < n_samples - 1)
-            else:
-                graph_hzs, overflow = _scaled_hessian_vector_products(*args, loss_scale=loss_scale, hessian_scale=hessian_scale)
-            for n, hz in zip(graph, graph_hzs):
-                hzs[n] = hz
-        # Gradients without a graph (or no gradient on this rank): zero Hessian rows.
-        hzs = [torch.zeros_like(p) if hz is None else hz for hz, p in zip(hzs, params)]
-        if overflow not in (None, amp.Overflow.NONE):
-            break  # the step is skipped (every rank still joins the all-reduce)
-        if s < n_samples - 1:
-            for device, ns in by_device.items():
-                functional.accumulate_hessian_(
-                    [partial_sums[n] for n in ns], [zs[n] for n in ns], [hzs[n] for n in ns],
-                    keys=[keys[n] for n in ns], backend=backend_for(device),
-                )
+    ``counter + s``: from ``accumulated`` (``AdaHessian.backward`` /
+    ``hessian_backward``) when given, else from the graph the gradients carry. Under a
+    loss scale, Hz is unscaled and checked (one host read per try); on overflow the
+    gradients' graph is retried with a lower factor c, while accumulated products,
+    whose graphs are gone, skip the step and lower c for the next one. The second
+    result says whether the step overflowed (None without a scale). Raises RuntimeError
+    when the gradients have no graph (``record.check``) or the graph has no double
+    backward (fused attention)."""
+    if accumulated is not None:
+        record.warn_unreached([(idx, p) for idx, p, grad in zip(indices, params, grads)
+                               if grad is not None and p.numel() and idx not in accumulated.reached])
+        result, overflow = _finish(accumulated, params, indices, seed=seed, backend_for=backend_for, loss_scale=loss_scale)
+        if overflow is amp.Overflow.HESSIAN:
+            hessian_scale.back_off()
+    else:
+        record.check(indices, params, grads, any_graph=any(g is not None and has_graph(g) for g in grads))
+        retries = 0
+        while True:
+            acc = Accumulated(step=0, counter=counter, n_samples=n_samples, factor=hessian_scale.scale)
+            # Under a loss scale the graph is kept for retries (step() frees it).
+            accumulate_(acc, grads, params, indices, seed=seed, backend_for=backend_for, record=record,
+                        retain_graph=loss_scale.scale is not None)
+            result, overflow = _finish(acc, params, indices, seed=seed, backend_for=backend_for, loss_scale=loss_scale)
+            if overflow is not amp.Overflow.HESSIAN or retries == hessian_scale.RETRIES or not hessian_scale.back_off():
+                break
+            retries += 1
     if overflow is not None and overflow is not amp.Overflow.GRADIENTS:
         hessian_scale.finished(ok=overflow is amp.Overflow.NONE)
+    return result, overflow
+
+
+def _finish(
+    acc: Accumulated, params: list[Tensor], indices: list[int], *, seed: int,
+    backend_for: Callable[[torch.device], str], loss_scale: amp.LossScale,
+) -> tuple[Estimate, amp.Overflow | None]:
+    """``acc`` as the Estimate of ``params`` (zero Hessian rows where it holds no
+    product), Hz unscaled by ``S * c`` and checked under a loss scale."""
+    keys = [sampler.rademacher_key(seed, idx, acc.counter + acc.n_samples - 1) for idx in indices]
+    missing = [n for n, idx in enumerate(indices) if idx not in acc.zs]
+    sampled = dict(zip(missing, _sample([params[n] for n in missing], [keys[n] for n in missing], backend_for)))
+    zs = [sampled[n] if n in sampled else acc.zs[idx] for n, idx in enumerate(indices)]
+    hzs = [acc.hzs[idx] if idx in acc.hzs else torch.zeros_like(p) for idx, p in zip(indices, params)]
+    partial_sums = None
+    if acc.n_samples > 1:
+        partial_sums = [acc.partial_sums[idx] if idx in acc.partial_sums else torch.zeros_like(p, dtype=state_dtype(p))
+                        for idx, p in zip(indices, params)]
+    overflow = None
+    if loss_scale.scale is not None:
+        overflow = amp.unscale_and_check_(hzs + (partial_sums or []), loss_scale.scale * acc.factor, loss_scale.found_inf)
     return Estimate(zs, keys, hzs, partial_sums), overflow
+
+
+def _sample(params: list[Tensor], keys: list[int], backend_for: Callable[[torch.device], str]) -> list[Tensor]:
+    """z for each of ``params`` (its sampler key in ``keys``), one call per device."""
+    zs: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+    for device_ns in _by_device(params).values():
+        device = params[device_ns[0]].device
+        sampled = functional.sample_rademacher([params[n] for n in device_ns], [keys[n] for n in device_ns],
+                                               backend=backend_for(device))
+        for n, z in zip(device_ns, sampled):
+            zs[n] = z
+    return zs
+
+
+def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[int]]:
+    """Positions of ``tensors`` by device."""
+    groups: dict[torch.device, list[int]] = {}
+    for n, t in enumerate(tensors):
+        groups.setdefault(t.device, []).append(n)
+    return groups
 
 
 def has_graph(grad: Tensor) -> bool:
@@ -187,24 +301,6 @@ def hessian_vector_products(
             raise RuntimeError(SDPA_MESSAGE) from err
         raise
     return [torch.zeros_like(p) if h is None else h for h, p in zip(hvps, params)]
-
-
-def _scaled_hessian_vector_products(
-    grads: list[Tensor], params: list[Tensor], vectors: list[Tensor], *,
-    loss_scale: amp.LossScale, hessian_scale: amp.HessianScale,
-) -> tuple[list[Tensor], amp.Overflow]:
-    """``H z`` under a loss scale S: computed on ``z * c`` (``hessian_scale``), divided
-    by ``S * c`` and checked in one pass, retried with a lower c on overflow (the graph is
-    retained for the retries; ``step()`` frees it). One host read per try."""
-    retries = 0
-    while True:
-        c = hessian_scale.scale
-        outputs = vectors if c == 1.0 else torch._foreach_mul(vectors, c)
-        hzs = hessian_vector_products(grads, params, outputs, retain_graph=True)
-        overflow = amp.unscale_and_check_(hzs, loss_scale.scale * c, loss_scale.found_inf)
-        if overflow is not amp.Overflow.HESSIAN or retries == hessian_scale.RETRIES or not hessian_scale.back_off():
-            return hzs, overflow
-        retries += 1
 
 
 ONCE_DIFFERENTIABLE_WARNING = (
@@ -241,6 +337,16 @@ def _no_graph_warning(shapes: str) -> str:
         "is linear in them (then D = 0 is exact); a custom torch.autograd.Function or fused "
         "kernel without double backward (e.g. a backward marked @once_differentiable) on "
         "the path from them to the loss; .detach() or torch.no_grad() inside the model."
+    )
+
+
+def _unreached_warning(shapes: str) -> str:
+    return (
+        f"AdaHessian: no loss given to optimizer.backward() or optimizer.hessian_backward() "
+        f"in this step reached the parameter(s) of shape {shapes}, which have a gradient: "
+        "their Hessian rows are taken as zero (D = 0; their update divides by eps alone). "
+        "Give hessian_backward a loss that depends on every trained parameter (a sub-batch "
+        "that exercises the same parts of the model as the full batch)."
     )
 
 

@@ -151,6 +151,8 @@ class AdaHessian(Optimizer):
         self._backend_cache: dict[tuple[torch.device, str], str] = {}
         self._graph_record = hutchinson.GraphRecord()
         self._graph_record.bind(self)
+        # Hessian-vector products that backward()/hessian_backward() summed for the next step.
+        self._accumulated: hutchinson.Accumulated | None = None
 
     # ----------------------------------------------------------------- public API
 
@@ -208,6 +210,49 @@ class AdaHessian(Optimizer):
         super().add_param_group(param_group)
         for i, p in enumerate(self.param_groups[-1]["params"]):
             self._graph_record.watch(first + i, p)
+
+    def backward(self, loss: Tensor) -> None:
+        """The drop-in for ``loss.backward(create_graph=optimizer.hessian_due)`` that
+        keeps no graph: accumulates the gradient of ``loss`` (a scalar tensor that
+        requires grad; ``scaler.scale(loss)`` under a GradScaler) into the ``.grad`` of
+        this optimizer's parameters (only theirs, as ``loss.backward(inputs=...)``) and,
+        on a Hessian step, also its Hessian-vector products with the step's z for all
+        ``n_samples``, then frees the graph before returning. Called once per
+        micro-batch, the next ``step()`` uses the summed gradient and
+        ``D = z * sum(Hz)``, which equals one backward on the summed loss (to float
+        rounding; models with batch statistics differ as their gradients do), with the
+        memory of one micro-batch's graph. On other steps it is ``loss.backward()``.
+        Costs, on a Hessian step, what ``create_graph=True`` plus the step's products
+        cost. ``zero_grad()`` drops the products as it drops the gradients.
+
+        Raises:
+            RuntimeError: ``loss`` does not require grad or reaches none of the
+                parameters; the gradients already carry a graph from
+                ``loss.backward(create_graph=True)`` in this step (mixing both paths);
+                fused attention in the graph (see :func:`adahessian.math_attention`).
+        """
+        self._backward(loss, gradients=True)
+
+    def hessian_backward(self, loss: Tensor) -> None:
+        """Accumulate the Hessian-vector products of ``loss`` for the next step without
+        touching the gradients: the Hessian on a sub-batch. With ``loss.backward()`` on
+        the full batch and ``hessian_backward(loss_fn(model(x[:k]), y[:k]))`` on a
+        Hessian step, D estimates the Hessian diagonal of the full-batch mean loss from
+        k samples (unbiased for models without batch statistics) at about k/batch of
+        the double backward's cost and memory; several calls add up, as with
+        :meth:`backward`. A smaller sample leaves more of D near zero, where the update
+        divides by eps: use a larger ``eps`` (README, "Gradient accumulation and a
+        sub-batch Hessian"). On steps that are not Hessian steps it returns at once:
+        guard the sub-batch's forward pass with ``if optimizer.hessian_due`` to skip
+        its cost. Parameters with a gradient that no such loss reached get D = 0 (one
+        warning). Raises RuntimeError as :meth:`backward` does."""
+        self._backward(loss, gradients=False)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's; also drops the Hessian-vector products accumulated by
+        :meth:`backward` and :meth:`hessian_backward` since the last step."""
+        super().zero_grad(set_to_none)
+        self._accumulated = None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -321,11 +366,68 @@ class AdaHessian(Optimizer):
             self._set_counter("hessian_origin", self._counter("optimizer_step"))
         self._group_checked = False  # the ranks must agree on the new values
 
+    def _backward(self, loss: Tensor, *, gradients: bool) -> None:
+        """backward() (``gradients``) and hessian_backward()."""
+        if not (isinstance(loss, Tensor) and loss.requires_grad):
+            raise RuntimeError(
+                f"AdaHessian.{'backward' if gradients else 'hessian_backward'}() needs a loss tensor that "
+                f"requires grad, got {loss!r}: compute it from the model's outputs with grad mode on "
+                "(not under torch.no_grad() or inference_mode, and not .detach()ed or .item())."
+            )
+        pairs = [(idx, p) for idx, p in enumerate(self._flat_params()) if p.requires_grad]
+        indices, params = [idx for idx, _ in pairs], [p for _, p in pairs]
+        if not self.hessian_due:
+            if gradients:
+                torch.autograd.backward(loss, inputs=params)
+            return
+        self._refuse_mixing([p.grad for p in params])
+        step, counter = self._counter("optimizer_step"), self._counter("rademacher_counter")
+        if self._accumulated is None or not self._accumulated.belongs_to(step, counter, self.n_samples):
+            self._accumulated = hutchinson.Accumulated(
+                step=step, counter=counter, n_samples=self.n_samples, factor=self._hessian_scale.scale
+            )
+        try:
+            if gradients:
+                before = [p.grad for p in params]
+                torch.autograd.backward(loss, inputs=params, create_graph=True)
+                grads = [p.grad if p.grad is not b else None for p, b in zip(params, before)]
+            else:
+                grads = list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
+            if all(g is None for g in grads):
+                raise RuntimeError(
+                    "AdaHessian: the loss reaches none of the optimizer's parameters (no gradient "
+                    "flows to them): pass the loss computed from the model this optimizer trains."
+                )
+            hutchinson.accumulate_(
+                self._accumulated, grads, params, indices, seed=self.seed, backend_for=self._backend_for,
+                record=self._graph_record, retain_graph=False,
+            )
+        finally:
+            self._release_graphs()
+
+    def _refuse_mixing(self, grads: list[Tensor | None]) -> None:
+        if any(g is not None and hutchinson.has_graph(g) for g in grads):
+            raise RuntimeError(
+                "AdaHessian: this step mixes optimizer.backward()/hessian_backward() with "
+                "loss.backward(create_graph=True); use one of them per step (optimizer.backward(loss) "
+                "is the drop-in for loss.backward(create_graph=...))."
+            )
+
     def _step(self) -> None:
         scale = amp.loss_scale(self, self._grad_scaler)
         group = self._distributed_group()
         hessian_step = self.hessian_due
+        accumulated, self._accumulated = self._accumulated, None  # used by this step only
         entries, grads = self._gather(every_trainable=group is not None)
+        if accumulated is not None:
+            if not (hessian_step and accumulated.belongs_to(
+                    self._counter("optimizer_step"), self._counter("rademacher_counter"), self.n_samples)):
+                raise RuntimeError(
+                    "AdaHessian: the Hessian-vector products accumulated by optimizer.backward()/"
+                    "hessian_backward() belong to another step (n_samples changed, or a state_dict was "
+                    "loaded, between them and step()): call zero_grad() and compute them again."
+                )
+            self._refuse_mixing(grads)
         if not entries:
             return
         if self._initialises_state(entries, grads):
@@ -336,7 +438,7 @@ class AdaHessian(Optimizer):
         estimate, overflow = None, None
         if hessian_step:
             estimate, overflow = hutchinson.estimate(
-                [p for _, _, p in entries], grads, [idx for _, idx, _ in entries],
+                [p for _, _, p in entries], grads, [idx for _, idx, _ in entries], accumulated=accumulated,
                 seed=self.seed, counter=self._counter("rademacher_counter"), n_samples=self.n_samples,
                 backend_for=self._backend_for, record=self._graph_record, loss_scale=scale,
                 hessian_scale=self._hessian_scale,
