@@ -3,7 +3,7 @@ path, on two targets: "cuda", a GPU, with TF32 off (skipped without one), and "e
 kernel code run on the CPU by tests/cuda_emulator.cpp (everywhere a compiler is). Checked:
 bit-identical z across CPU and CUDA, the functional core per step from identical state,
 views at every alignment (no access outside them), training runs on real models,
-GradScaler. The cases and models are test_fused.py's."""
+GradScaler. The cases and models are tests/cases.py's, shared with test_fused.py."""
 
 from __future__ import annotations
 
@@ -14,17 +14,13 @@ from typing import NamedTuple
 import pytest
 import torch
 
-import test_fused as cpu_cases
+import cases
 from adahessian import _build, _ops, backends, functional, sampler
 
 CUDA = torch.device("cuda")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 EMULATOR = "adahessian_cuda_emulator"
 _emulator_library = []  # keeps the emulator's schemas registered for the session
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class Target(NamedTuple):
@@ -35,15 +31,16 @@ class Target(NamedTuple):
 
     def to(self, x):
         """x with every tensor moved to the target's device (layouts kept), recursively."""
-        return cpu_cases._to(self.device, x)
+        return cases.to(self.device, x)
 
 
 @pytest.fixture(scope="session")
 def emulator():
     """torch.ops.adahessian_cuda_emulator: adahessian's schemas, with the CUDA kernels'
     code compiled for the CPU."""
-    if cpu_cases.REASON is not None:
-        pytest.skip(f"no compiler for the emulator: {cpu_cases.REASON}")
+    reason = backends.fused_unavailable_reason(cases.CPU)
+    if reason is not None:
+        pytest.skip(f"no compiler for the emulator: {reason}")
     from torch.utils import cpp_extension
 
     library = torch.library.Library(EMULATOR, "FRAGMENT")
@@ -82,10 +79,10 @@ def test_fused_backend_is_available_on_cuda():
     assert backends.fused_unavailable_reason(CUDA) is None
 
 
-@pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("dtype", cases.ALL_DTYPES, ids=cases.dtype_name)
 def test_rademacher_is_bit_identical_to_the_sampler(target, dtype):
-    keys = [sampler.rademacher_key(2147483647, i, 9) for i in range(len(cpu_cases.SIZES))]
-    like = [torch.empty(n, dtype=dtype, device=target.device) for n in cpu_cases.SIZES]
+    keys = [sampler.rademacher_key(2147483647, i, 9) for i in range(len(cases.SIZES))]
+    like = [torch.empty(n, dtype=dtype, device=target.device) for n in cases.SIZES]
     like.append(torch.empty(6, 5, 3, 3, dtype=dtype, device=target.device).to(memory_format=torch.channels_last))
     keys.append(77)
     got = functional.sample_rademacher(like, keys, backend="fused")
@@ -94,7 +91,7 @@ def test_rademacher_is_bit_identical_to_the_sampler(target, dtype):
         assert torch.equal(t, sampler.rademacher(t.shape, k, dtype=dtype, device=target.device))
 
 
-@pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("dtype", cases.ALL_DTYPES, ids=cases.dtype_name)
 def test_accumulate_is_bit_identical_to_the_reference(target, dtype):
     g = torch.Generator().manual_seed(0)
     shapes, keys = [(3, 40), (65536 + 5,), (2, 3, 5, 5)], [101, 202, 303]
@@ -108,25 +105,18 @@ def test_accumulate_is_bit_identical_to_the_reference(target, dtype):
     assert all(torch.equal(a.cpu(), w) for a, w in zip(got, want))
 
 
-def _options(n_samples, hessian_power, average_conv_kernel):
-    return dict(
-        n_samples=n_samples, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
-        hessian_power=hessian_power, average_conv_kernel=average_conv_kernel,
-    )
-
-
-@pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES, ids=dtype_name)
-@pytest.mark.parametrize("case", list(cpu_cases.CORE_CASES))
+@pytest.mark.parametrize("dtype", cases.ALL_DTYPES, ids=cases.dtype_name)
+@pytest.mark.parametrize("case", list(cases.CORE_CASES))
 @pytest.mark.parametrize("hessian_power", [1.0, 0.5, 0.7])
 @pytest.mark.parametrize("average_conv_kernel", [False, True])
 def test_functional_step_matches_the_reference(target, dtype, case, hessian_power, average_conv_kernel):
-    lists, estimate = cpu_cases._problem(dtype, channels_last=average_conv_kernel, **cpu_cases.CORE_CASES[case])
-    options = _options(cpu_cases.CORE_CASES[case]["n_samples"], hessian_power, average_conv_kernel)
-    want = cpu_cases._run_functional("reference", lists, estimate, **options)
-    got = cpu_cases._run_functional("fused", target.to(lists), target.to(estimate), **target.to(options))
+    lists, estimate = cases.problem(dtype, channels_last=average_conv_kernel, **cases.CORE_CASES[case])
+    options = cases.core_options(cases.CORE_CASES[case]["n_samples"], hessian_power, average_conv_kernel)
+    want = cases.run_functional("reference", lists, estimate, **options)
+    got = cases.run_functional("fused", target.to(lists), target.to(estimate), **target.to(options))
     for g, w in zip(got["params"], want["params"]):
         assert g.device.type == target.device.type and g.stride() == w.stride()
-    cpu_cases.assert_functional_close(got, want, lists, options)
+    cases.assert_functional_close(got, want, lists, options)
 
 
 def _padded(tensors, offset):
@@ -145,16 +135,16 @@ def _padded(tensors, offset):
     return views, buffers
 
 
-@pytest.mark.parametrize("dtype", cpu_cases.ALL_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("dtype", cases.ALL_DTYPES, ids=cases.dtype_name)
 @pytest.mark.parametrize("offset", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("average_conv_kernel", [False, True])
 def test_views_at_every_alignment_match_and_stay_inside(target, dtype, offset, average_conv_kernel):
     # Packed loads need every pointer aligned (16 bytes for float32, 32 for float64); a
     # view's offset decides whether the vectorised path runs, and no path may touch the
     # NaN margins around the views.
-    before, estimate = cpu_cases._problem(dtype, hessian_step=True, kept=True, n_samples=2, channels_last=False)
-    options = _options(2, 1.0, average_conv_kernel)
-    want = cpu_cases._run_functional("reference", before, estimate, **options)
+    before, estimate = cases.problem(dtype, hessian_step=True, kept=True, n_samples=2, channels_last=False)
+    options = cases.core_options(2, 1.0, average_conv_kernel)
+    want = cases.run_functional("reference", before, estimate, **options)
     lists, estimate = target.to(before), target.to(estimate)
     margins = []
     for name in ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians"):
@@ -165,7 +155,7 @@ def test_views_at_every_alignment_match_and_stay_inside(target, dtype, offset, a
         estimate = estimate._replace(**{name: padded})
         margins += buffers
     functional.adahessian(*lists.values(), estimate=estimate, **options, backend="fused")
-    cpu_cases.assert_functional_close(lists, want, before, options)
+    cases.assert_functional_close(lists, want, before, options)
     for buffer, start, numel in margins:
         assert buffer[:start].isnan().all() and buffer[start + numel :].isnan().all()
 
@@ -173,8 +163,8 @@ def test_views_at_every_alignment_match_and_stay_inside(target, dtype, offset, a
 def test_thread_order_changes_no_bit(emulator):
     # Blocks and threads run in reverse: an element that two threads touch (a race on
     # the GPU) would come out different.
-    lists, estimate = cpu_cases._problem(torch.float32, hessian_step=True, kept=True, n_samples=2, channels_last=True)
-    options = _options(2, 0.5, average_conv_kernel=True)
+    lists, estimate = cases.problem(torch.float32, hessian_step=True, kept=True, n_samples=2, channels_last=True)
+    options = cases.core_options(2, 0.5, average_conv_kernel=True)
     runs = []
     for reverse in (False, True):
         emulator.set_reverse_order(reverse)
@@ -191,29 +181,18 @@ def test_thread_order_changes_no_bit(emulator):
 
 
 @needs_gpu
-@pytest.mark.parametrize("case", list(cpu_cases.OPCHECK_CASES))
+@pytest.mark.parametrize("case", list(cases.OPCHECK_CASES))
 def test_opcheck(case):
     op = getattr(torch.ops.adahessian, case.split("/")[0]).default
-    torch.library.opcheck(op, Target("cuda", CUDA).to(cpu_cases.OPCHECK_CASES[case]()))
+    torch.library.opcheck(op, Target("cuda", CUDA).to(cases.OPCHECK_CASES[case]()))
 
 
-@pytest.mark.parametrize("name", list(cpu_cases.TRAJECTORIES))
+@pytest.mark.parametrize("name", list(cases.TRAJECTORIES))
 def test_training_trajectory_matches_the_reference(target, name):
     # float64 over a whole run; float32 per step below (tests/tolerances.py).
-    cpu_cases.trajectories_match(cpu_cases.TRAJECTORIES[name], target.device)
+    cases.trajectories_match(cases.TRAJECTORIES[name], target.device)
 
 
-# test_fused's per-step cases (float32 for every trajectory case, MLP in bfloat16 and
-# float16), plus the CNN and the Transformer in the low-precision dtypes.
-LOW_PRECISION_MODELS = {
-    cls.__name__.lower(): dict(cls=cls, options=dict(lr=0.01, eps=1e-3, update_each=2, weight_decay=0.01,
-                                                     average_conv_kernel=cls is cpu_cases.CNN))
-    for cls in (cpu_cases.CNN, cpu_cases.Transformer)
-}
-PER_STEP = cpu_cases.PER_STEP + [(name, dtype) for name in LOW_PRECISION_MODELS for dtype in cpu_cases.LOW_PRECISION]
-
-
-@pytest.mark.parametrize("name,dtype", PER_STEP, ids=[cpu_cases.per_step_id(*c) for c in PER_STEP])
+@pytest.mark.parametrize("name,dtype", cases.PER_STEP_CUDA, ids=[cases.per_step_id(*c) for c in cases.PER_STEP_CUDA])
 def test_steps_from_identical_state_match_the_reference(target, name, dtype):
-    case = LOW_PRECISION_MODELS.get(name) or cpu_cases.per_step_case(name)
-    cpu_cases.steps_from_identical_state(case, dtype, cpu_cases.STEPS, device=target.device)
+    cases.steps_from_identical_state(cases.per_step_case(name, dtype), dtype, cases.STEPS, device=target.device)

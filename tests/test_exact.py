@@ -166,7 +166,7 @@ def test_float32_parameters_follow_the_oracle(backend):
     assert not torch.allclose(params[0].double(), problem.init[0].double())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", tolerances.LOW_PRECISION)
 def test_low_precision_parameters_keep_float32_state(dtype, backend):
     # m, v and D stay float32 (checked every step); p is rounded once per step.
     problem = Separable(SHAPES, seed=6, dtype=dtype)

@@ -2,7 +2,6 @@
 bit-identical z, the functional core option by option, and training runs on real models
 (float64 over a run, every dtype per step from identical state; tests/tolerances.py)."""
 
-import copy
 import importlib.util
 import os
 import subprocess
@@ -10,19 +9,14 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
-import tolerances
-from adahessian import AdaHessian, backends, functional, math_attention, sampler
-from adahessian.hutchinson import Estimate
-from training import backward_and_step
+from adahessian import backends, functional, sampler
+from cases import (ALL_DTYPES, CORE_CASES, CPU, OPCHECK_CASES, PER_STEP, SIZES, STEPS, TRAJECTORIES,
+                   assert_functional_close, core_options, per_step_case, per_step_id, problem, run_functional,
+                   steps_from_identical_state, trajectories_match)
 
-CPU = torch.device("cpu")
 REASON = backends.fused_unavailable_reason(CPU)
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"fused kernels unavailable: {REASON}")
-
-LOW_PRECISION = [torch.bfloat16, torch.float16]
-ALL_DTYPES = [torch.float32, torch.float64, *LOW_PRECISION]
 
 
 def ops():
@@ -30,11 +24,6 @@ def ops():
 
 
 # ------------------------------------------------------------------ the sampler
-
-
-# Sizes around the vector widths (8/16 float lanes) and the kernels' tile (512) and
-# work-item (65536) lengths.
-SIZES = [0, 1, 7, 15, 16, 17, 33, 511, 513, 1031, 65536 + 123]
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -79,125 +68,31 @@ def test_accumulate_is_bit_identical_to_the_reference(dtype):
 # --------------------------------------------------------- the functional core
 
 
-SHAPES = [
-    (37,),
-    (3, 700),  # longer than a tile
-    (65536 + 77,),  # more than one work item
-    (4, 3, 3, 3),  # conv kernels: averaged over 9 elements
-    (5, 2, 1, 1),  # 1x1 kernels: averaging takes |D|
-    (2, 1, 30, 30),  # a kernel larger than a tile
-]
-
-
-def _problem(dtype, *, hessian_step, kept, n_samples, channels_last, seed=0):
-    """Random lists for functional.adahessian (params, grads, state) and, on a Hessian
-    step, its Estimate (z, keys, Hz, partial sums)."""
-    g = torch.Generator().manual_seed(seed)
-    sdtype = torch.float32 if dtype in LOW_PRECISION else dtype
-
-    def rand(shape, dt, positive=False):
-        t = (torch.rand if positive else torch.randn)(shape, generator=g, dtype=torch.float64).to(dt)
-        return t.to(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
-
-    lists = dict(
-        params=[rand(s, dtype) for s in SHAPES],
-        grads=[rand(s, dtype) for s in SHAPES],
-        exp_avgs=[rand(s, sdtype) for s in SHAPES],
-        exp_hessian_diag_sqs=[rand(s, sdtype, positive=True) for s in SHAPES],
-        hessians=[rand(s, sdtype) if kept else None for s in SHAPES],
-        state_steps=[3 + i for i in range(len(SHAPES))],
-    )
-    keys = [sampler.rademacher_key(7, i, 40) for i in range(len(SHAPES))]
-    if not hessian_step:
-        return lists, None
-    hzs = [rand(s, dtype) for s in SHAPES]
-    zs = [sampler.rademacher(s, k, dtype=dtype) for s, k in zip(SHAPES, keys)]
-    return lists, Estimate(zs, keys, hzs, [rand(s, sdtype) for s in SHAPES] if n_samples > 1 else None)
-
-
-def _run_functional(backend, lists, estimate, **options):
-    lists = copy.deepcopy(lists)
-    functional.adahessian(*lists.values(), estimate=estimate, **options, backend=backend)
-    return lists
-
-
-STATE = dict(params="param", exp_avgs="exp_avg", exp_hessian_diag_sqs="exp_hessian_diag_sq", hessians="hessian")
-HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "hessian_power")
-
-
-def averaging_group(t, average_conv_kernel):
-    """Elements whose |D| are averaged together (conv kernels), else 1."""
-    return t.shape[2] * t.shape[3] if average_conv_kernel and t.dim() == 4 else 1
-
-
-def assert_functional_close(got, want, before, options):
-    """functional.adahessian's outputs ``got`` against the reference's ``want``, per
-    tensor, within the error model of tests/tolerances.py (both from ``before``)."""
-    for i, p in enumerate(before["params"]):
-        tolerances.assert_step_close(
-            {STATE[k]: got[k][i] for k in STATE}, {STATE[k]: want[k][i] for k in STATE},
-            dict(param=p, exp_avg=before["exp_avgs"][i]), before["grads"][i],
-            dict({k: options[k] for k in HYPER}, step=before["state_steps"][i]),
-            dtypes=(p.dtype, p.dtype), group=averaging_group(p, options["average_conv_kernel"]),
-            what=f"[{i}] {tuple(p.shape)}",
-        )
-
-
-CORE_CASES = {
-    "hessian step, D not kept": dict(hessian_step=True, kept=False, n_samples=1),
-    "hessian step, D kept, 3 samples": dict(hessian_step=True, kept=True, n_samples=3),
-    "step with the kept D": dict(hessian_step=False, kept=True, n_samples=1),
-}
-
-
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("case", list(CORE_CASES))
 @pytest.mark.parametrize("hessian_power", [1.0, 0.5, 0.7, 0.0])
 @pytest.mark.parametrize("average_conv_kernel", [False, True])
 def test_functional_step_matches_the_reference(dtype, case, hessian_power, average_conv_kernel):
     channels_last = average_conv_kernel  # both layouts, without doubling the cases
-    lists, estimate = _problem(dtype, channels_last=channels_last, **CORE_CASES[case])
-    options = dict(
-        n_samples=CORE_CASES[case]["n_samples"], lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
-        hessian_power=hessian_power, average_conv_kernel=average_conv_kernel,
-    )
-    want = _run_functional("reference", lists, estimate, **options)
-    got = _run_functional("fused", lists, estimate, **options)
+    lists, estimate = problem(dtype, channels_last=channels_last, **CORE_CASES[case])
+    options = core_options(CORE_CASES[case]["n_samples"], hessian_power, average_conv_kernel)
+    want = run_functional("reference", lists, estimate, **options)
+    got = run_functional("fused", lists, estimate, **options)
     assert all(g.stride() == w.stride() for g, w in zip(got["params"], want["params"]))
     assert_functional_close(got, want, lists, options)
 
 
 @pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_hessians_are_kept_for_all_parameters_or_none(backend):
-    lists, estimate = _problem(torch.float32, hessian_step=True, kept=True, n_samples=1, channels_last=False)
+    lists, estimate = problem(torch.float32, hessian_step=True, kept=True, n_samples=1, channels_last=False)
     lists["hessians"][1] = None
     options = dict(n_samples=1, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, hessian_power=1.0,
                    average_conv_kernel=True)
     with pytest.raises(ValueError, match="all tensors or all None"):
-        _run_functional(backend, lists, estimate, **options)
+        run_functional(backend, lists, estimate, **options)
 
 
 # --------------------------------------------------------------- operator checks
-
-
-def _op_args(hessian_step):
-    g = torch.Generator().manual_seed(3)
-    shapes = [(5, 3), (2, 3, 3, 3)]
-    rand = lambda s: torch.randn(s, generator=g)  # noqa: E731
-    return (
-        [rand(s) for s in shapes], [rand(s) for s in shapes], [rand(s) for s in shapes],
-        [rand(s).abs() for s in shapes], [rand(s) for s in shapes],
-        [rand(s) for s in shapes] if hessian_step else [], [], [1, 2] if hessian_step else [], [4, 4],
-        0.01, 0.9, 0.999, 1e-8, 0.01, 1.0, 1, True,
-    )
-
-
-OPCHECK_CASES = {
-    "rademacher_": lambda: ([torch.empty(5, 3), torch.empty(7, dtype=torch.float64)], [3, 4]),
-    "accumulate_hessian_": lambda: ([torch.zeros(5, 3), torch.zeros(4)], [torch.randn(5, 3), torch.randn(4)], [1, 2]),
-    "fused_step_/hessian": lambda: _op_args(True),
-    "fused_step_/kept": lambda: _op_args(False),
-}
 
 
 @pytest.mark.parametrize("case", list(OPCHECK_CASES))
@@ -209,125 +104,6 @@ def test_opcheck(case):
 # ------------------------------------------------------------ training runs
 
 
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4))
-
-    def forward(self, x):
-        return self.net(x)
-
-    @staticmethod
-    def batch(g):
-        return torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)
-
-
-class CNN(nn.Module):
-    # conv1.bias sits right before BatchNorm: its exact gradient is zero.
-    ZERO_GRAD = ("conv1.bias",)
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.proj = nn.Conv2d(8, 6, 1)
-        self.head = nn.Linear(6, 5)
-
-    def forward(self, x):
-        x = torch.tanh(self.bn(self.conv1(x)))
-        x = torch.tanh(self.conv2(x))
-        return self.head(self.proj(x).mean(dim=(2, 3)))
-
-    @staticmethod
-    def batch(g):
-        return torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)
-
-
-class Transformer(nn.Module):
-    # The key bias adds one constant to each softmax row: its exact gradient is zero.
-    ZERO_GRAD = ("attn.in_proj_bias",)
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Linear(6, 16)
-        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-        self.norm1, self.norm2 = nn.LayerNorm(16), nn.LayerNorm(16)
-        self.ff = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        h = self.embed(x)
-        h = self.norm1(h + self.attn(h, h, h, need_weights=False)[0])
-        h = self.norm2(h + self.ff(h))
-        return self.head(h.mean(dim=1))
-
-    @staticmethod
-    def batch(g):
-        return torch.randn(4, 5, 6, generator=g), torch.randint(0, 3, (4,), generator=g)
-
-
-def _loss(model, batch):
-    x, y = batch
-    with math_attention():
-        return nn.functional.cross_entropy(model(x.to(next(model.parameters()).dtype)), y)
-
-
-def _optimizer(model, backend, options, groups):
-    if groups:  # several param groups, each with its own hyperparameters
-        params = list(model.parameters())
-        half = len(params) // 2
-        spec = [dict(params=params[:half], lr=0.02, hessian_power=0.5), dict(params=params[half:], weight_decay=0.02)]
-    else:
-        spec = model.parameters()
-    return AdaHessian(spec, backend=backend, **options)
-
-
-def _step(model, opt, batch, scaler=None):
-    opt.zero_grad()
-    backward_and_step(_loss(model, batch), opt, scaler)
-
-
-def _to(device, x):
-    """x with every tensor on ``device``, recursively (lists, tuples, dicts, Estimate)."""
-    if torch.is_tensor(x):
-        return x.to(device)
-    if isinstance(x, Estimate):
-        return Estimate(*(_to(device, v) for v in x))
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to(device, v) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(device, v) for k, v in x.items()}
-    return x
-
-
-def _setup(case, dtype, backend, device=CPU):
-    """The case's model (seed 0), its optimizer and, for scaled cases, a GradScaler."""
-    torch.manual_seed(0)
-    model = case["cls"]().to(device, dtype)
-    if case.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)
-    opt = _optimizer(model, backend, case["options"], case.get("groups", False))
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10) if case.get("scaled") else None
-    return model, opt, scaler
-
-
-# model, optimizer options; groups: two param groups with their own hyperparameters;
-# scaled: under GradScaler; channels_last: conv weights (and so their state) channels-last.
-TRAJECTORIES = {
-    "mlp": dict(cls=MLP, options=dict(lr=0.05, weight_decay=0.01)),
-    "mlp-power-0.7-groups": dict(cls=MLP, options=dict(lr=0.05, hessian_power=0.7, update_each=3), groups=True),
-    "mlp-n_samples": dict(cls=MLP, options=dict(lr=0.05, n_samples=3, update_each=2)),
-    "mlp-grad-scaler": dict(cls=MLP, options=dict(lr=0.05, update_each=2, n_samples=2), scaled=True),
-    "cnn-avg-channels-last": dict(
-        cls=CNN, options=dict(lr=0.02, average_conv_kernel=True, update_each=2, weight_decay=0.01), channels_last=True
-    ),
-    "cnn-power-0.5": dict(cls=CNN, options=dict(lr=0.02, hessian_power=0.5, average_conv_kernel=True), groups=True),
-    "transformer": dict(cls=Transformer, options=dict(lr=0.01, update_each=2, weight_decay=0.01)),
-}
-STEPS = 24
-
-
 @pytest.mark.parametrize("name", list(TRAJECTORIES))
 def test_training_trajectory_matches_the_reference(name):
     # Exactness over a whole run, in float64 (tests/tolerances.py); float32 is checked
@@ -335,78 +111,10 @@ def test_training_trajectory_matches_the_reference(name):
     trajectories_match(TRAJECTORIES[name])
 
 
-def trajectories_match(case, device=CPU):
-    ref_model, ref_opt, ref_scaler = _setup(case, torch.float64, "reference", device)
-    fused_model, fused_opt, fused_scaler = _setup(case, torch.float64, "fused", device)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(STEPS):
-        batch = _to(device, case["cls"].batch(g))
-        _step(ref_model, ref_opt, batch, ref_scaler)
-        _step(fused_model, fused_opt, batch, fused_scaler)
-    for (name, p), q in zip(ref_model.named_parameters(), fused_model.parameters()):
-        if name not in getattr(case["cls"], "ZERO_GRAD", ()):
-            tolerances.assert_trajectory_close(q, p, STEPS, name)
-    if case.get("channels_last"):
-        assert fused_model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
-
-
-def steps_from_identical_state(case, dtype, steps, device=CPU):
-    """Each step from identical state: the fused path starts from a copy of the
-    reference model, optimizer state and GradScaler, takes the same step on the same
-    batch, and must land within the error model of tests/tolerances.py; the next step
-    starts again from the reference's state."""
-    ref_model, ref_opt, scaler = _setup(case, dtype, "reference", device)
-    groups = {p: group for group in ref_opt.param_groups for p in group["params"]}
-    average = case["options"].get("average_conv_kernel", False)
-    g = torch.Generator().manual_seed(1)
-    for step in range(steps):
-        batch = _to(device, case["cls"].batch(g))
-        fused_model = copy.deepcopy(ref_model)
-        fused_opt = _optimizer(fused_model, "fused", case["options"], case.get("groups", False))
-        fused_opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
-        fused_opt.backend = "fused"  # the state dict carries the reference's backend setting
-        fused_scaler = copy.deepcopy(scaler)
-        before = {p: (p.detach().clone(), ref_opt.state[p].get("exp_avg", torch.zeros(())).clone()) for p in groups}
-        _step(ref_model, ref_opt, batch, scaler)
-        _step(fused_model, fused_opt, batch, fused_scaler)
-        assert fused_opt.backend == "fused"
-        for (name, p), q in zip(ref_model.named_parameters(), fused_model.parameters()):
-            # The same code on bit-identical copies (one machine, one thread count) gives
-            # bit-identical gradients: the step's inputs agree, so only the update differs.
-            assert torch.equal(q.grad, p.grad), f"step {step} {name}: the gradients differ"
-            want, got = ref_opt.state[p], fused_opt.state[q]
-            assert want["step"] == got["step"]
-            group = groups[p]
-            tolerances.assert_step_close(
-                dict(param=q, **{k: got.get(k) for k in STATE.values() if k != "param"}),
-                dict(param=p, **{k: want.get(k) for k in STATE.values() if k != "param"}),
-                dict(param=before[p][0], exp_avg=before[p][1]), p.grad.double(),  # unscaled by step()
-                dict({k: group[k] for k in HYPER if k in group}, beta1=group["betas"][0], beta2=group["betas"][1],
-                     step=want["step"]),
-                dtypes=(dtype, dtype), group=averaging_group(p, average), what=f"step {step} {name}",
-            )
-        if case.get("channels_last"):
-            assert fused_model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
-
-
-# Low-precision parameters: eps=1e-3 bounds the steps of elements whose D is near zero,
-# which overflow float16.
-LOW_PRECISION_CASE = dict(cls=MLP, options=dict(lr=0.01, eps=1e-3, update_each=2, weight_decay=0.01))
-PER_STEP = [(n, torch.float32) for n in TRAJECTORIES] + [("mlp-low-precision", d) for d in LOW_PRECISION]
-
-
-def per_step_case(name):
-    return LOW_PRECISION_CASE if name == "mlp-low-precision" else TRAJECTORIES[name]
-
-
-def per_step_id(name, dtype):
-    return f"{name}-{str(dtype).removeprefix('torch.')}"
-
-
 @pytest.mark.parametrize("name,dtype", PER_STEP, ids=[per_step_id(*c) for c in PER_STEP])
 def test_steps_from_identical_state_match_the_reference(name, dtype):
     # Every parameter, the zero-gradient ones included (docs/algorithm.md, section 4), every dtype.
-    steps_from_identical_state(per_step_case(name), dtype, STEPS)
+    steps_from_identical_state(per_step_case(name, dtype), dtype, STEPS)
 
 
 # -------------------------------------------------------------------- loading

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from adahessian import AdaHessian, sampler
+from cases import ALL_DTYPES
 
 M = 0xFFFFFFFF
 
@@ -41,7 +42,7 @@ def test_bit_equal_beyond_2_to_the_32_elements():
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_values_are_plus_minus_one_in_every_dtype(dtype):
     z = sampler.rademacher((1000,), sampler.rademacher_key(1, 2, 3), dtype=dtype)
     assert z.dtype == dtype
