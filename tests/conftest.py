@@ -5,19 +5,21 @@ import torch.distributed as dist
 from adahessian import backends
 
 
-def _fused_param():
+@pytest.fixture(scope="session")
+def fused_kernels():
+    """The compiled CPU kernels, loaded (JIT-built on first use where they were not
+    built): tests that run them request this, so collecting the tests builds nothing.
+    Skips, saying why, where they are unavailable; asked once per session."""
     reason = backends.fused_unavailable_reason(torch.device("cpu"))
-    marks = [pytest.mark.skip(reason=reason)] if reason else []
-    return pytest.param("fused", marks=marks)
+    if reason is not None:
+        pytest.skip(f"fused kernels unavailable: {reason}")
 
 
-# Every behavioural test runs on each backend; "fused" is skipped (saying why) where the
-# compiled kernels are not available.
-BACKENDS = ["reference", _fused_param()]
-
-
-@pytest.fixture(params=BACKENDS)
+# Every behavioural test runs on each backend.
+@pytest.fixture(params=["reference", "fused"])
 def backend(request):
+    if request.param == "fused":
+        request.getfixturevalue("fused_kernels")
     return request.param
 
 

@@ -10,13 +10,14 @@ import sys
 import pytest
 import torch
 
-from adahessian import backends, functional, sampler
-from cases import (ALL_DTYPES, CORE_CASES, CPU, OPCHECK_CASES, PER_STEP, SIZES, STEPS, TRAJECTORIES,
-                   assert_functional_close, core_options, per_step_case, per_step_id, problem, run_functional,
-                   steps_from_identical_state, trajectories_match)
+from adahessian import functional, sampler
+from cases import (ALL_DTYPES, CORE_CASES, OPCHECK_CASES, PER_STEP, SIZES, STEPS, TRAJECTORIES, assert_functional_close,
+                   core_options, per_step_case, per_step_id, problem, run_functional, steps_from_identical_state,
+                   trajectories_match)
 
-REASON = backends.fused_unavailable_reason(CPU)
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"fused kernels unavailable: {REASON}")
+# Every test here runs the compiled CPU kernels or checks how they load: skipped, saying
+# why, where they are unavailable (found out when the first test runs, not at collection).
+pytestmark = pytest.mark.usefixtures("fused_kernels")
 
 
 def ops():
