@@ -10,6 +10,8 @@ import tolerances
 from adahessian import AdaHessian, backends, sampler
 from benchmarks import bench, common
 
+pytestmark = pytest.mark.tooling
+
 
 @pytest.fixture
 def restore_threads():

@@ -5,7 +5,11 @@ import os
 import stat
 from collections import Counter
 
+import pytest
+
 from adahessian import _build
+
+pytestmark = pytest.mark.tooling
 
 
 # What a compiler is handed; headers (.h, .cuh) are only included.

@@ -9,6 +9,8 @@ import torch
 
 from examples import train_digits
 
+pytestmark = pytest.mark.tooling
+
 
 @pytest.fixture
 def one_thread():

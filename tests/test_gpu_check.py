@@ -12,6 +12,8 @@ import pytest
 
 from tools import gpu_check
 
+pytestmark = pytest.mark.tooling
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
