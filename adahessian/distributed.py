@@ -15,10 +15,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.profiler import record_function
 
 # Elements per all-reduce: large enough that latency is paid a few times per step,
 # small enough that a flattened copy never needs one contiguous multi-GB block.
 BUCKET_ELEMENTS = 64 * 1024 * 1024
+# The profiler range (torch.profiler) around the whole all-reduce (bucketing, flatten,
+# collectives, copy back), which benchmarks/bench_distributed.py times: a few
+# microseconds once per step, against the milliseconds of the collectives.
+ALL_REDUCE_RANGE = "adahessian.all_reduce_mean_"
 
 WORLD = "world"
 # What a copy (deepcopy, pickle) of an optimizer holds instead of a ProcessGroup object,
@@ -96,30 +101,31 @@ def average_(group, params: list[Tensor], grads: list[Tensor | None], extra: lis
 def all_reduce_mean_(tensors: list[Tensor], group) -> None:
     """Average ``tensors`` across the ranks of ``group``, in place, with one collective
     per bucket of same-device, same-dtype tensors (issued together, then awaited)."""
-    world = dist.get_world_size(group)
-    # NCCL averages in the collective; gloo has no AVG: sum, then divide.
-    op = dist.ReduceOp.AVG if dist.get_backend(group) == "nccl" else dist.ReduceOp.SUM
-    buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
-    filled: dict[tuple[torch.device, torch.dtype], int] = {}  # elements in each chain's last bucket
-    for t in tensors:
-        key = (t.device, t.dtype)
-        chain = buckets.setdefault(key, [[]])
-        if chain[-1] and filled[key] + t.numel() > BUCKET_ELEMENTS:
-            chain.append([])
-            filled[key] = 0
-        chain[-1].append(t)
-        filled[key] = filled.get(key, 0) + t.numel()
-    pending = []
-    for chain in buckets.values():
-        for members in chain:
-            flat = _flatten_dense_tensors(members)
-            pending.append((flat, members, dist.all_reduce(flat, op=op, group=group, async_op=True)))
-    for flat, members, work in pending:
-        work.wait()
-        if op == dist.ReduceOp.SUM:
-            flat.div_(world)
-        for t, reduced in zip(members, _unflatten_dense_tensors(flat, members)):
-            t.copy_(reduced)
+    with record_function(ALL_REDUCE_RANGE):
+        world = dist.get_world_size(group)
+        # NCCL averages in the collective; gloo has no AVG: sum, then divide.
+        op = dist.ReduceOp.AVG if dist.get_backend(group) == "nccl" else dist.ReduceOp.SUM
+        buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
+        filled: dict[tuple[torch.device, torch.dtype], int] = {}  # elements in each chain's last bucket
+        for t in tensors:
+            key = (t.device, t.dtype)
+            chain = buckets.setdefault(key, [[]])
+            if chain[-1] and filled[key] + t.numel() > BUCKET_ELEMENTS:
+                chain.append([])
+                filled[key] = 0
+            chain[-1].append(t)
+            filled[key] = filled.get(key, 0) + t.numel()
+        pending = []
+        for chain in buckets.values():
+            for members in chain:
+                flat = _flatten_dense_tensors(members)
+                pending.append((flat, members, dist.all_reduce(flat, op=op, group=group, async_op=True)))
+        for flat, members, work in pending:
+            work.wait()
+            if op == dist.ReduceOp.SUM:
+                flat.div_(world)
+            for t, reduced in zip(members, _unflatten_dense_tensors(flat, members)):
+                t.copy_(reduced)
 
 
 def ddp_hint() -> str:

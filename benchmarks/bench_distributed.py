@@ -21,11 +21,34 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile, record_function
 
-import adahessian.distributed
 from adahessian import AdaHessian
+from adahessian.distributed import ALL_REDUCE_RANGE
 
 from .common import CifarResNet, write_results
+
+STEP_RANGE = "bench_distributed.step"
+
+
+def comm_per_step(events):
+    """Seconds in the library's all-reduce (its profiler range: bucketing, flatten,
+    collectives, copy back) within each profiled step, in order."""
+    steps = sorted((e.time_range for e in events if e.name == STEP_RANGE), key=lambda r: r.start)
+    comms = [e.time_range for e in events if e.name == ALL_REDUCE_RANGE]
+    return [sum(c.elapsed_us() for c in comms if s.start <= c.start and c.end <= s.end) / 1e6 for s in steps]
+
+
+def iteration(model, opt, x, y):
+    """One training iteration; its time and its opt.step()'s, in seconds."""
+    start = time.perf_counter()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward(create_graph=opt.hessian_due)
+    mid = time.perf_counter()
+    with record_function(STEP_RANGE):
+        opt.step()
+    end = time.perf_counter()
+    return end - start, end - mid
 
 
 def rank_main(rank, args, init_file, out_file):
@@ -33,18 +56,6 @@ def rank_main(rank, args, init_file, out_file):
                             timeout=timedelta(seconds=120))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.nprocs))
     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-    comm = []
-    # Patched, for want of a public hook: this times the library's whole all-reduce
-    # (bucketing, flatten, collectives, copy back). A process group that times only its
-    # collectives, the one seam outside the library, misses 0.7-2 ms of it per step here.
-    reduce = adahessian.distributed.all_reduce_mean_
-
-    def timed_reduce(tensors, group):
-        start = time.perf_counter()
-        reduce(tensors, group)
-        comm.append(time.perf_counter() - start)
-
-    adahessian.distributed.all_reduce_mean_ = timed_reduce
     g = torch.Generator().manual_seed(rank)
     x, y = torch.randn(args.batch, 3, 32, 32, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
     rows = []
@@ -53,19 +64,15 @@ def rank_main(rank, args, init_file, out_file):
         model = CifarResNet()
         opt = AdaHessian(model.parameters(), lr=0.05, update_each=update_each, process_group="world")
         n_params = sum(p.numel() for p in model.parameters())
-        iters, steps, comms = [], [], []
-        for i in range(args.warmup + args.steps):
-            start = time.perf_counter()
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward(create_graph=opt.hessian_due)
-            mid = time.perf_counter()
-            comm.clear()
-            opt.step()
-            end = time.perf_counter()
-            if i >= args.warmup:
-                iters.append(end - start)
-                steps.append(end - mid)
-                comms.append(sum(comm))
+        for _ in range(args.warmup):
+            iteration(model, opt, x, y)
+        # The timed iterations run under the profiler, which times the all-reduce within
+        # each step (a Hessian step or not, paired with its own step). It records every
+        # op, at a few microseconds each: the times come out a few percent longer than
+        # unprofiled ones.
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            iters, steps = zip(*(iteration(model, opt, x, y) for _ in range(args.steps)))
+        comms = comm_per_step(prof.events())
         rows.append(dict(update_each=update_each, params=n_params,
                          iteration_ms=statistics.median(iters) * 1e3, step_ms=statistics.median(steps) * 1e3,
                          comm_ms=statistics.median(comms) * 1e3, comm_share_of_step=sum(comms) / sum(steps),
