@@ -131,10 +131,12 @@ class Accumulated:
     carries the loss scale S of a scaled loss and the factor ``factor`` (c) on z. Hz is
     linear in the loss, so summing the products of several losses gives the product of
     their sum (README, "Gradient accumulation and a sub-batch Hessian"). ``reached``:
-    the parameters some loss had a gradient for."""
+    the parameters some loss had a gradient for. ``floor``: the relative floor of
+    :func:`floor_` that a sub-batch estimate asks for (0: none)."""
 
     def __init__(self, *, step: int, counter: int, n_samples: int, factor: float) -> None:
         self.step, self.counter, self.n_samples, self.factor = step, counter, n_samples, factor
+        self.floor = 0.0
         self.zs: dict[int, Tensor] = {}
         self.hzs: dict[int, Tensor] = {}
         self.partial_sums: dict[int, Tensor] = {}
@@ -237,6 +239,28 @@ def estimate(
     if overflow is not None and overflow is not amp.Overflow.GRADIENTS:
         hessian_scale.finished(ok=overflow is amp.Overflow.NONE)
     return result, overflow
+
+
+def floor_(estimate: Estimate, floor: float, n_samples: int) -> None:
+    """Raise each |D| below ``floor`` times its tensor's mean |D| to that value, sign
+    kept (zeros become positive), in place: Hz is rewritten so that the step's
+    ``D = (partial_sums + z * Hz) / n_samples`` is the floored one (z * z = 1). For a
+    sub-batch Hessian: in a piecewise-linear model (ReLU, max-pool) a weight whose unit
+    is inactive on every sample of the sub-batch has D = 0 exactly while the full
+    batch's gradient is not zero, and its update ``lr * m / (|D| + eps)`` explodes
+    (README, "Gradient accumulation and a sub-batch Hessian")."""
+    for i, (z, hz) in enumerate(zip(estimate.zs, estimate.hzs)):
+        partial = None if estimate.partial_sums is None else estimate.partial_sums[i]
+        dtype = state_dtype(hz)
+        total = z.to(dtype) * hz.to(dtype)  # n_samples * D
+        if partial is not None:
+            total = total + partial
+        magnitude = total.abs()
+        low = floor * magnitude.mean()
+        raised = torch.where(magnitude < low, torch.copysign(low, total), total)
+        if partial is not None:
+            raised = raised - partial
+        hz.copy_(z.to(dtype) * raised)
 
 
 def _finish(

@@ -26,6 +26,8 @@ SETTINGS = (*SHAPE_D, "backend", "seed")
 # setting that shapes D), Rademacher vectors drawn per parameter so far (the sampler's
 # `counter`), and the record of the Hessian-vector product's loss-scale factor.
 COUNTERS = ("optimizer_step", "hessian_origin", "rademacher_counter", "hessian_scale")
+# hessian_backward's default floor on |D|, relative to its tensor's mean |D|.
+SUB_BATCH_FLOOR = 0.1
 
 
 def _setting(name: str, doc: str) -> property:
@@ -233,20 +235,39 @@ class AdaHessian(Optimizer):
         """
         self._backward(loss, gradients=True)
 
-    def hessian_backward(self, loss: Tensor) -> None:
+    def hessian_backward(self, loss: Tensor, *, floor: float = SUB_BATCH_FLOOR) -> None:
         """Accumulate the Hessian-vector products of ``loss`` for the next step without
         touching the gradients: the Hessian on a sub-batch. With ``loss.backward()`` on
         the full batch and ``hessian_backward(loss_fn(model(x[:k]), y[:k]))`` on a
         Hessian step, D estimates the Hessian diagonal of the full-batch mean loss from
-        k samples (unbiased for models without batch statistics) at about k/batch of
-        the double backward's cost and memory; several calls add up, as with
-        :meth:`backward`. A smaller sample leaves more of D near zero, where the update
-        divides by eps: use a larger ``eps`` (README, "Gradient accumulation and a
-        sub-batch Hessian"). On steps that are not Hessian steps it returns at once:
-        guard the sub-batch's forward pass with ``if optimizer.hessian_due`` to skip
-        its cost. Parameters with a gradient that no such loss reached get D = 0 (one
-        warning). Raises RuntimeError as :meth:`backward` does."""
+        k samples (unbiased for models without batch statistics, before the floor) at
+        about k/batch of the double backward's cost and memory; several calls add up,
+        as with :meth:`backward`. On steps that are not Hessian steps it returns at
+        once: guard the sub-batch's forward pass with ``if optimizer.hessian_due`` to
+        skip its cost. Parameters with a gradient that no such loss reached get D = 0
+        (one warning).
+
+        Args:
+            loss (Tensor): a scalar that requires grad, e.g. the mean loss of the
+                sub-batch (``scaler.scale(loss)`` under a GradScaler).
+            floor (float, keyword-only): after the step's products are summed (and
+                averaged across ranks), each |D| below ``floor`` times the mean |D| of
+                its tensor is raised to that value, in [0, 1] (default: 0.1; the
+                largest of the step's calls applies). A sub-batch misses the units a
+                ReLU network uses only on other samples: their D is zero while the
+                full batch's gradient is not, and the update divides by eps alone
+                (README, "Gradient accumulation and a sub-batch Hessian", with the
+                measurements behind the default). 0 gives the plain estimate.
+
+        Raises:
+            ValueError: ``floor`` outside [0, 1].
+            RuntimeError: as :meth:`backward`.
+        """
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"Invalid floor: {floor!r} (a fraction of the mean |D|, in [0, 1])")
         self._backward(loss, gradients=False)
+        if self._accumulated is not None:
+            self._accumulated.floor = max(self._accumulated.floor, floor)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim's; also drops the Hessian-vector products accumulated by
@@ -460,6 +481,8 @@ class AdaHessian(Optimizer):
             estimate = None if estimate is None else estimate.select(keep)
             if scale.found_inf is not None and amp.any_nonfinite(grads + (estimate.tensors() if estimate else [])):
                 return
+        if accumulated is not None and accumulated.floor:  # on the ranks' average
+            hutchinson.floor_(estimate, accumulated.floor, self.n_samples)
 
         self._update(entries, grads, estimate)
         self._set_counter("optimizer_step", self._counter("optimizer_step") + 1)

@@ -148,7 +148,7 @@ def test_hessian_backward_equals_the_products_of_the_steps_z(backend, n_samples)
     (x, y), = _batches(1)
     old = copy.deepcopy(model)  # the products are taken at the point before the step
     F.cross_entropy(model(x), y).backward()
-    opt.hessian_backward(F.cross_entropy(model(x[:4]), y[:4]))
+    opt.hessian_backward(F.cross_entropy(model(x[:4]), y[:4]), floor=0.0)
     opt.step()
     old_params = list(old.parameters())
     grads = torch.autograd.grad(F.cross_entropy(old(x[:4]), y[:4]), old_params, create_graph=True)
@@ -161,6 +161,26 @@ def test_hessian_backward_equals_the_products_of_the_steps_z(backend, n_samples)
     params = list(model.parameters())
     for p, w in zip(params, want):
         torch.testing.assert_close(opt.state[p]["hessian"], w, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("n_samples", [1, 2])
+def test_the_sub_batch_floor_raises_small_curvature_only(backend, n_samples):
+    # Separable, so D is exact: coordinates 0-2 have no curvature on the sub-batch (rows
+    # 0-7) but a gradient on the full batch, the rest a curvature of at least 0.2.
+    g = torch.Generator().manual_seed(0)
+    c = torch.rand(32, 10, generator=g, dtype=torch.float64) + 0.1
+    c[:8, :3] = 0.0
+    theta = nn.Parameter(torch.randn(10, generator=g, dtype=torch.float64))
+    opt = AdaHessian([theta], update_each=2, n_samples=n_samples, backend=backend)
+    _separable(theta, c).backward()
+    opt.hessian_backward(_separable(theta, c[:8]), floor=0.2)
+    opt.step()
+    exact = 2 * c[:8].mean(dim=0)
+    want = torch.cat([torch.full((3,), 0.2 * exact.mean().item(), dtype=torch.float64), exact[3:]])
+    assert (want[3:] > want[0]).all()  # the floor leaves the rest alone
+    torch.testing.assert_close(opt.state[theta]["hessian"], want, rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="Invalid floor"):
+        opt.hessian_backward(_separable(theta, c), floor=1.5)
 
 
 def test_hessian_backward_on_other_steps_does_nothing():
