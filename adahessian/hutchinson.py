@@ -170,27 +170,35 @@ def accumulate_(
     record.walk_once([grads[n] for n in graph])
     if not graph:
         return
-    last = acc.n_samples - 1
+    params, indices = [params[n] for n in graph], [indices[n] for n in graph]
     for s in range(acc.n_samples):
-        keys = [sampler.rademacher_key(seed, indices[n], acc.counter + s) for n in graph]
-        zs = _sample([params[n] for n in graph], keys, backend_for)
+        keys = [sampler.rademacher_key(seed, idx, acc.counter + s) for idx in indices]
+        zs = sample(params, keys, backend_for)
         outputs = zs if acc.factor == 1.0 else torch._foreach_mul(zs, acc.factor)
         hzs = hessian_vector_products(
-            [grads[n] for n in graph], [params[n] for n in graph], outputs, retain_graph=retain_graph or s < last
+            [grads[n] for n in graph], params, outputs, retain_graph=retain_graph or s < acc.n_samples - 1
         )
-        if s == last:
-            for n, z, hz in zip(graph, zs, hzs):
-                idx = indices[n]
-                acc.zs[idx] = z
-                acc.hzs[idx] = hz if idx not in acc.hzs else acc.hzs[idx].add_(hz)
-            continue
-        sums = [acc.partial_sums.setdefault(indices[n], torch.zeros_like(params[n], dtype=state_dtype(params[n])))
-                for n in graph]
-        for ns in _by_device([params[n] for n in graph]).values():
-            functional.accumulate_hessian_(
-                [sums[m] for m in ns], [zs[m] for m in ns], [hzs[m] for m in ns], keys=[keys[m] for m in ns],
-                backend=backend_for(params[graph[ns[0]]].device),
-            )
+        add_sample_(acc, s, params, indices, keys, zs, hzs, backend_for=backend_for)
+
+
+def add_sample_(
+    acc: Accumulated, s: int, params: list[Tensor], indices: list[int], keys: list[int], zs: list[Tensor],
+    hzs: list[Tensor], *, backend_for: Callable[[torch.device], str],
+) -> None:
+    """Add sample ``s``'s products ``hzs`` (of ``params`` at flat ``indices``, with z
+    ``zs`` drawn with sampler ``keys``) to ``acc``: the last sample's Hz is summed as it
+    is, the earlier samples' ``z * Hz`` into the partial sums."""
+    if s == acc.n_samples - 1:
+        for idx, z, hz in zip(indices, zs, hzs):
+            acc.zs[idx] = z
+            acc.hzs[idx] = hz if idx not in acc.hzs else acc.hzs[idx].add_(hz)
+        return
+    sums = [acc.partial_sums.setdefault(idx, torch.zeros_like(p, dtype=state_dtype(p))) for idx, p in zip(indices, params)]
+    for ns in by_device(params).values():
+        functional.accumulate_hessian_(
+            [sums[n] for n in ns], [zs[n] for n in ns], [hzs[n] for n in ns], keys=[keys[n] for n in ns],
+            backend=backend_for(params[ns[0]].device),
+        )
 
 
 def estimate(
@@ -271,7 +279,7 @@ def _finish(
     product), Hz unscaled by ``S * c`` and checked under a loss scale."""
     keys = [sampler.rademacher_key(seed, idx, acc.counter + acc.n_samples - 1) for idx in indices]
     missing = [n for n, idx in enumerate(indices) if idx not in acc.zs]
-    sampled = dict(zip(missing, _sample([params[n] for n in missing], [keys[n] for n in missing], backend_for)))
+    sampled = dict(zip(missing, sample([params[n] for n in missing], [keys[n] for n in missing], backend_for)))
     zs = [sampled[n] if n in sampled else acc.zs[idx] for n, idx in enumerate(indices)]
     hzs = [acc.hzs[idx] if idx in acc.hzs else torch.zeros_like(p) for idx, p in zip(indices, params)]
     partial_sums = None
@@ -284,10 +292,10 @@ def _finish(
     return Estimate(zs, keys, hzs, partial_sums), overflow
 
 
-def _sample(params: list[Tensor], keys: list[int], backend_for: Callable[[torch.device], str]) -> list[Tensor]:
+def sample(params: list[Tensor], keys: list[int], backend_for: Callable[[torch.device], str]) -> list[Tensor]:
     """z for each of ``params`` (its sampler key in ``keys``), one call per device."""
     zs: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
-    for device_ns in _by_device(params).values():
+    for device_ns in by_device(params).values():
         device = params[device_ns[0]].device
         sampled = functional.sample_rademacher([params[n] for n in device_ns], [keys[n] for n in device_ns],
                                                backend=backend_for(device))
@@ -296,7 +304,7 @@ def _sample(params: list[Tensor], keys: list[int], backend_for: Callable[[torch.
     return zs
 
 
-def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[int]]:
+def by_device(tensors: list[Tensor]) -> dict[torch.device, list[int]]:
     """Positions of ``tensors`` by device."""
     groups: dict[torch.device, list[int]] = {}
     for n, t in enumerate(tensors):

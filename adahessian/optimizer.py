@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import amp, distributed, functional, hutchinson
+from . import amp, distributed, finite_difference, functional, hutchinson
 from .backends import BACKENDS, resolve
 from .precision import state_dtype
 
@@ -20,7 +20,8 @@ from .precision import state_dtype
 # same names (README, "Where settings and counters live"). A change of those that shape
 # D makes the next step a Hessian step.
 SHAPE_D = ("update_each", "n_samples", "average_conv_kernel")
-SETTINGS = (*SHAPE_D, "backend", "seed")
+SETTINGS = (*SHAPE_D, "backend", "seed", "hvp")
+HVPS = ("autograd", *finite_difference.SCHEMES)
 # Optimizer-level counters, also in every param group (plain ints and a dict of them):
 # steps taken, the step from which Hessian steps are counted (the last change of a
 # setting that shapes D), Rademacher vectors drawn per parameter so far (the sampler's
@@ -28,6 +29,11 @@ SETTINGS = (*SHAPE_D, "backend", "seed")
 COUNTERS = ("optimizer_step", "hessian_origin", "rademacher_counter", "hessian_scale")
 # hessian_backward's default floor on |D|, relative to its tensor's mean |D|.
 SUB_BATCH_FLOOR = 0.1
+FD_SCALER_MESSAGE = (
+    "AdaHessian(hvp={hvp!r}) does not combine with a GradScaler: its Hessian steps need "
+    "step(closure), and GradScaler.step refuses a closure. Use bfloat16 autocast (it needs "
+    "no scaler), or hvp='autograd' with the scaler."
+)
 
 
 def _setting(name: str, doc: str) -> property:
@@ -113,6 +119,7 @@ class AdaHessian(Optimizer):
     average_conv_kernel = _setting("average_conv_kernel", "Average |D| over each conv kernel's spatial positions.")
     backend = _setting("backend", '"auto", "fused" or "reference" (README, "Backends").')
     seed = _setting("seed", "Seed of the counter-based Rademacher sampler, in [0, 2**32).")
+    hvp = _setting("hvp", '"autograd", "finite_difference" or "central_difference" (README, "Without double backward").')
 
     def __init__(
         self,
@@ -129,11 +136,12 @@ class AdaHessian(Optimizer):
         backend: str = "auto",
         seed: int = 2147483647,
         process_group: Any = None,
+        hvp: str = "autograd",
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
             update_each=update_each, n_samples=n_samples, average_conv_kernel=bool(average_conv_kernel),
-            backend=backend, seed=seed,
+            backend=backend, seed=seed, hvp=hvp,
         )
         _validate_hyperparameters(defaults)
         _validate_settings(defaults)
@@ -277,15 +285,23 @@ class AdaHessian(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform a single optimization step (closure: re-evaluates the model, calls
-        ``backward(create_graph=...)`` and returns the loss)."""
+        """Perform a single optimization step. ``closure`` re-evaluates the model: it
+        zeroes the gradients, computes the loss, calls ``backward(create_graph=...)``
+        (a plain ``backward()`` with ``hvp="finite_difference"``/``"central_difference"``,
+        whose Hessian steps need it: they evaluate it again at perturbed parameters)
+        and returns the loss, which ``step`` returns (at the unperturbed parameters)."""
+        if self.hvp != "autograd" and (getattr(self, "found_inf", None) is not None or self._grad_scaler is not None):
+            raise RuntimeError(FD_SCALER_MESSAGE.format(hvp=self.hvp))
         loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         try:
+            if self.hvp != "autograd" and self.hessian_due:
+                loss = self._differences(closure)
+            elif closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
             self._step()
         finally:
+            self._accumulated = None
             self._release_graphs()
         return loss
 
@@ -397,16 +413,20 @@ class AdaHessian(Optimizer):
             )
         pairs = [(idx, p) for idx, p in enumerate(self._flat_params()) if p.requires_grad]
         indices, params = [idx for idx, _ in pairs], [p for _, p in pairs]
-        if not self.hessian_due:
+        if self.hvp != "autograd" and not gradients:
+            raise RuntimeError(
+                f"AdaHessian.hessian_backward() differentiates twice, which hvp={self.hvp!r} is there to "
+                "avoid: its Hessian steps take the products from step(closure). Use hvp='autograd' for a "
+                "sub-batch Hessian."
+            )
+        if not self.hessian_due or self.hvp != "autograd":
             if gradients:
                 torch.autograd.backward(loss, inputs=params)
             return
         self._refuse_mixing([p.grad for p in params])
-        step, counter = self._counter("optimizer_step"), self._counter("rademacher_counter")
-        if self._accumulated is None or not self._accumulated.belongs_to(step, counter, self.n_samples):
-            self._accumulated = hutchinson.Accumulated(
-                step=step, counter=counter, n_samples=self.n_samples, factor=self._hessian_scale.scale
-            )
+        if self._accumulated is None or not self._accumulated.belongs_to(
+                self._counter("optimizer_step"), self._counter("rademacher_counter"), self.n_samples):
+            self._accumulated = self._new_accumulated()
         try:
             if gradients:
                 before = [p.grad for p in params]
@@ -433,6 +453,26 @@ class AdaHessian(Optimizer):
                 "loss.backward(create_graph=True); use one of them per step (optimizer.backward(loss) "
                 "is the drop-in for loss.backward(create_graph=...))."
             )
+
+    def _differences(self, closure: Callable[[], Any] | None) -> Any:
+        """A finite-difference Hessian step's evaluations of ``closure``: the products go
+        to ``_accumulated``, as backward()'s do; the loss at theta is returned."""
+        if closure is None:
+            raise RuntimeError(finite_difference.CLOSURE_MESSAGE.format(hvp=self.hvp))
+        accumulated = self._new_accumulated()
+        pairs = [(idx, p) for idx, p in enumerate(self._flat_params()) if p.requires_grad]
+        loss = finite_difference.estimate(
+            closure, [p for _, p in pairs], [idx for idx, _ in pairs], hvp=self.hvp, acc=accumulated,
+            seed=self.seed, backend_for=self._backend_for,
+        )
+        self._accumulated = accumulated  # after the closure's zero_grad(), which drops it
+        return loss
+
+    def _new_accumulated(self) -> hutchinson.Accumulated:
+        return hutchinson.Accumulated(
+            step=self._counter("optimizer_step"), counter=self._counter("rademacher_counter"),
+            n_samples=self.n_samples, factor=self._hessian_scale.scale,
+        )
 
     def _step(self) -> None:
         scale = amp.loss_scale(self, self._grad_scaler)
@@ -644,6 +684,8 @@ def _validate_settings(group: dict[str, Any]) -> tuple:
         raise ValueError(f"Invalid backend: {backend!r} (one of {', '.join(map(repr, BACKENDS))})")
     if not (isinstance(seed, int) and 0 <= seed < 2**32):
         raise ValueError(f"Invalid seed: {seed} (an int in [0, 2**32))")
+    if group["hvp"] not in HVPS:
+        raise ValueError(f"Invalid hvp: {group['hvp']!r} (one of {', '.join(map(repr, HVPS))})")
     return tuple(group[name] for name in SETTINGS)
 
 

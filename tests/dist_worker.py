@@ -46,6 +46,27 @@ def train(config, backend, world, rank=None, process_group=None):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def train_ddp_finite_difference(backend, world, rank=None):
+    """hvp="finite_difference" on a DistributedDataParallel-wrapped model (its
+    gradient_as_bucket_view buckets are what the later evaluations overwrite), no
+    process_group: DDP averages both gradients. The whole batch when rank is None."""
+    model = make_model()
+    module = model if rank is None else torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+    opt = AdaHessian(model.parameters(), lr=0.05, update_each=2, n_samples=2, hvp="finite_difference", backend=backend)
+    for x, y in batches(world):
+        if rank is not None:
+            x, y = x[rank * PER_RANK : (rank + 1) * PER_RANK], y[rank * PER_RANK : (rank + 1) * PER_RANK]
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(module(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
 def run(rank, world, init_file, out_file, backend, scenario):
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=10)
@@ -58,6 +79,8 @@ def run(rank, world, init_file, out_file, backend, scenario):
                 warnings.simplefilter("always")
                 train("plain", backend, world, rank, process_group=None)
             result["warned_without_group"] = sum("drift apart" in str(w.message) for w in caught)
+        elif scenario == "ddp_finite_difference":
+            result = train_ddp_finite_difference(backend, world, rank)
         elif scenario == "seed_mismatch":
             model = make_model()
             opt = AdaHessian(model.parameters(), seed=rank, backend=backend, process_group="world")

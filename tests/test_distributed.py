@@ -55,6 +55,19 @@ def test_ranks_on_shards_equal_one_process_on_the_whole_batch(tmp_path, world, b
     assert [r["warned_without_group"] for r in results] == [1] * world
 
 
+def test_a_ddp_wrapped_model_trains_with_finite_differences(tmp_path, backend):
+    # README, "Without double backward": DDP averages the gradients of every evaluation.
+    codes, results = launch(tmp_path, 2, backend, "ddp_finite_difference")
+    assert codes == [0, 0]
+    assert all(torch.equal(p, q) for p, q in zip(results[1], results[0]))
+    oracle = dist_worker.train_ddp_finite_difference(backend, 2)
+    for p, q in zip(results[0], oracle):
+        # float64: the ranks' averaged gradients round differently from the whole batch's,
+        # and the difference quotient divides that by eps (~1e-8 here).
+        assert ((p - q).norm() / q.norm()).item() < 1e-5
+    assert not torch.equal(results[0][0], dist_worker.make_model()[0].weight)
+
+
 def test_ranks_with_different_seeds_are_refused(tmp_path):
     codes, results = launch(tmp_path, 2, "reference", "seed_mismatch")
     assert codes == [0, 0]

@@ -1,0 +1,167 @@
+"""Hessian-vector products without double backward (README, "Without double
+backward"): ``Hz ~ (g(theta + eps z) - g(theta)) / eps`` (forward difference) or
+``(g(theta + eps z) - g(theta - eps z)) / (2 eps)`` (central), each gradient one
+evaluation of the user's closure with a plain ``loss.backward()``.
+
+The extra evaluations leave no trace: the random-number generators are replayed (the
+same dropout masks, and the run consumes them as one evaluation would), the buffers of
+every module that runs in training mode (batch-norm running statistics) are restored,
+the parameters are restored bitwise from a copy (``theta + eps z - eps z`` does not
+round-trip), and ``p.grad`` ends as the gradient at theta, copied back into the memory
+the first evaluation wrote (DistributedDataParallel's ``gradient_as_bucket_view``
+buckets are overwritten by the later evaluations).
+
+eps is one scalar per product (a per-tensor eps would compute ``H (eps * z)`` with a
+different eps per block, not ``Hz``: the off-diagonal blocks of H mix them):
+``eps = u^(1/2) (1 + ||theta||) / ||z||`` for the forward difference and ``u^(1/3) (1 +
+||theta||) / ||z||`` for the central one, u the unit round-off of the lowest precision
+among the parameters, norms over all of them: the classic balance of truncation
+(O(eps) forward, O(eps^2) central) against rounding (O(u / eps)), with the step per
+element ``eps`` relative to the parameters' scale.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import hutchinson, sampler
+
+SCHEMES = {"finite_difference": (1.0,), "central_difference": (1.0, -1.0)}
+CLOSURE_MESSAGE = (
+    "AdaHessian(hvp={hvp!r}) computes Hessian-vector products from extra evaluations of the "
+    "loss, so a Hessian step needs step(closure): a closure that zeroes the gradients, "
+    "computes the loss, calls loss.backward() (no create_graph) and returns the loss, e.g. "
+    "def closure(): optimizer.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss"
+)
+
+
+def epsilon(params: list[Tensor], hvp: str) -> float:
+    """The scalar eps for ``params`` (module doc); one host read."""
+    unit = max(torch.finfo(p.dtype).eps / 2 for p in params)
+    root = math.sqrt(unit) if hvp == "finite_difference" else unit ** (1 / 3)
+    squares = [
+        torch.stack(torch._foreach_norm([params[n].detach() for n in ns])).double().square().sum().cpu()
+        for ns in hutchinson.by_device(params).values()
+    ]
+    norm = math.sqrt(float(sum(squares)))
+    return root * (1.0 + norm) / math.sqrt(sum(p.numel() for p in params))
+
+
+def estimate(
+    closure: Callable[[], Any],
+    params: list[Tensor],
+    indices: list[int],
+    *,
+    hvp: str,
+    acc: hutchinson.Accumulated,
+    seed: int,
+    backend_for: Callable[[torch.device], str],
+) -> Any:
+    """Evaluate ``closure`` at theta and, per sample, at the perturbed points; add the
+    differences' Hessian-vector products to ``acc`` (``params``: the optimizer's
+    trainable parameters; ``indices``: their flat positions). Returns the closure's
+    loss at theta; ``p.grad`` is the gradient there. RuntimeError when the closure
+    leaves no gradient."""
+    rng = _RandomState(params)
+    with torch.enable_grad():
+        loss = closure()
+    after = _RandomState(params)
+    reached = [n for n, p in enumerate(params) if p.grad is not None]
+    if not reached:
+        raise RuntimeError(
+            "AdaHessian: the closure left no gradient on the optimizer's parameters: it must call "
+            "loss.backward() on a loss computed from them."
+        )
+    params = [params[n] for n in reached]
+    indices = [indices[n] for n in reached]
+    acc.reached.update(indices)
+    grads = [p.grad for p in params]  # their memory: p.grad is written back into it
+    base = [g.detach().clone() for g in grads]
+    theta = [p.detach().clone() for p in params]
+    eps = epsilon(params, hvp)
+    central = hvp == "central_difference"
+    try:
+        for s in range(acc.n_samples):
+            keys = [sampler.rademacher_key(seed, idx, acc.counter + s) for idx in indices]
+            zs = hutchinson.sample(params, keys, backend_for)
+            plus = _gradient_at(closure, params, theta, zs, eps, rng)
+            if central:
+                plus = [g.clone() for g in plus]  # the next evaluation may write into the same memory
+                low = _gradient_at(closure, params, theta, zs, -eps, rng)
+            else:
+                low = base
+            hzs = torch._foreach_sub(plus, low)
+            torch._foreach_div_(hzs, 2 * eps if central else eps)
+            hutchinson.add_sample_(acc, s, params, indices, keys, zs, hzs, backend_for=backend_for)
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, theta)
+        after.restore()
+        for p, g, b in zip(params, grads, base):
+            g.copy_(b)
+            p.grad = g
+    return loss
+
+
+def _gradient_at(closure, params, theta, zs, step, rng) -> list[Tensor]:
+    """The gradients at ``theta + step * z`` (zeros where none), from one evaluation with
+    the random state replayed and the buffers kept; the parameters are restored."""
+    with torch.no_grad():
+        torch._foreach_add_(params, zs, alpha=step)
+    for p in params:  # whether or not the closure zeroes them
+        p.grad = None
+    rng.restore()
+    try:
+        with torch.enable_grad(), _buffers_kept(), warnings.catch_warnings():
+            # torch warns that a compiled module's wrapper also fires the hook: it is seen once.
+            warnings.filterwarnings("ignore", message="Using `torch.compile\\(module\\)` when there are global hooks")
+            closure()
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, theta)
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
+
+
+class _RandomState:
+    """The CPU generator's state and that of every CUDA device the parameters are on."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.cpu = torch.get_rng_state()
+        devices = {p.device for p in params if p.device.type == "cuda"}
+        self.cuda = {d: torch.cuda.get_rng_state(d) for d in devices}
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for device, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, device)
+
+
+class _buffers_kept:
+    """Within: every module that runs in training mode has its buffers (and its
+    submodules') copied before its forward; on exit they are written back in place."""
+
+    def __enter__(self) -> None:
+        self.saved: dict[int, tuple[Tensor, Tensor]] = {}
+        self.seen: set[int] = set()
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, _args: Any) -> None:
+        if id(module) in self.seen or not module.training:
+            return
+        for sub in module.modules():
+            self.seen.add(id(sub))
+        for buffer in module.buffers():
+            if id(buffer) not in self.saved:
+                self.saved[id(buffer)] = (buffer, buffer.detach().clone())
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+        with torch.no_grad():
+            for buffer, value in self.saved.values():
+                buffer.copy_(value)
