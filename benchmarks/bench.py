@@ -20,6 +20,11 @@ and the step inside each iteration is timed too. Measurements:
   step            a Hessian step: the Hessian-vector product and the update (update_each=10 runs)
   iteration       zero_grad, forward, backward(create_graph=True), step (update_each=1)
   iteration-ue10  the same with update_each=10 and backward(create_graph=opt.hessian_due)
+  iteration-sub4  update_each=1, this package's AdaHessian only: a plain backward on the
+                  batch and ``opt.hessian_backward`` on a quarter of it (sub8: an eighth)
+  iteration-accum4  the batch as 4 micro-batches, each through ``opt.backward``
+  iteration-fd    ``hvp="finite_difference"``: ``step(closure)`` with a plain backward,
+                  one extra evaluation per Hessian step (fd-central: two)
 
 Adam's update and step are both its step. Timing: three warm-up blocks per run (which
 also measure memory), then interleaved rounds: each run does one block per round, in an
@@ -58,7 +63,13 @@ from adahessian import AdaHessian, backends, math_attention
 from .common import CifarResNet, quartiles, write_results
 
 UPDATE_EACH = 10
-MEASUREMENTS = ("update", "step", "iteration", f"iteration-ue{UPDATE_EACH}")
+# How this package's AdaHessian computes an iteration's gradients and Hessian besides the
+# classic backward(create_graph=...) (README, "Gradient accumulation and a sub-batch
+# Hessian", "Without double backward"): the Hessian on 1/k of the batch, the batch as k
+# micro-batches, or finite differences of plain gradients.
+DIFFERENCES = {"fd": "finite_difference", "fd-central": "central_difference"}
+MODES = ("sub4", "sub8", "accum4", *DIFFERENCES)
+MEASUREMENTS = ("update", "step", "iteration", f"iteration-ue{UPDATE_EACH}", *(f"iteration-{m}" for m in MODES))
 ADAM = "adam"
 REFERENCE = "adahessian-reference"
 
@@ -101,7 +112,8 @@ class ManySmallTensors(nn.Module):
 @dataclass
 class Workload:
     model: Callable[[], nn.Module]
-    loss: Callable[[nn.Module], Tensor]
+    loss: Callable[[nn.Module, slice], Tensor]  # (model, the part of the batch) -> mean loss
+    batch: int = 1
     # False: only the optimizer's share is reported (update and step rows), and the steps
     # between Hessian steps reuse the last gradients instead of recomputing them.
     iterations: bool = True
@@ -116,13 +128,19 @@ def workloads(quick: bool, device: torch.device) -> dict[str, Workload]:
     return {
         "cnn": Workload(
             model=lambda: CifarResNet((4, 8, 16) if quick else (16, 32, 64)),
-            loss=lambda m: F.cross_entropy(m(images), labels),
+            loss=lambda m, part=slice(None): F.cross_entropy(m(images[part]), labels[part]),
+            batch=batch,
         ),
         "transformer": Workload(
             model=lambda: TinyLM(dim=32 if quick else 64),
-            loss=lambda m: F.cross_entropy(m(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()),
+            loss=lambda m, part=slice(None): F.cross_entropy(
+                m(tokens[part, :-1]).flatten(0, 1), tokens[part, 1:].flatten()
+            ),
+            batch=len(tokens),
         ),
-        "many-small": Workload(model=lambda: ManySmallTensors(100 if quick else 1000), loss=lambda m: m(), iterations=False),
+        "many-small": Workload(
+            model=lambda: ManySmallTensors(100 if quick else 1000), loss=lambda m, part=None: m(), iterations=False
+        ),
     }
 
 
@@ -349,14 +367,18 @@ class Run:
     update_each=10 run (and of Adam, for like-sized blocks) are 10 iterations, so each
     holds exactly one Hessian step; blocks of an update_each=1 run are ``steps`` iterations."""
 
-    def __init__(self, work: Workload, impl: Implementation, update_each: int, steps: int, device, clock: Clock):
+    def __init__(self, work: Workload, impl: Implementation, update_each: int, steps: int, device, clock: Clock,
+                 mode: str | None = None):
         torch.manual_seed(0)
-        self.work, self.impl, self.update_each, self.clock = work, impl, update_each, clock
+        self.work, self.impl, self.update_each, self.clock, self.mode = work, impl, update_each, clock, mode
         self.model = work.model().to(device)
         self.opt = impl.make(list(self.model.parameters()), update_each)
+        if mode in DIFFERENCES:
+            self.opt.hvp = DIFFERENCES[mode]
         self.first_order = impl.hessian_due is None
         self.calls = UPDATE_EACH if update_each > 1 or self.first_order else steps
-        self.iteration_name = "iteration" if update_each == 1 else f"iteration-ue{update_each}"
+        self.iteration_name = (f"iteration-{mode}" if mode else "iteration" if update_each == 1
+                               else f"iteration-ue{update_each}")
         self.has_gradients = False
         self.peak_mib = self.growth_mib = self.state_mib = None
 
@@ -366,14 +388,19 @@ class Run:
         for _ in range(self.calls):
             start = self.clock.mark()
             hessian = not self.first_order and self.impl.hessian_due(self.opt)
-            if hessian or self.work.iterations or not self.has_gradients:
+            closure = None
+            if self.mode in DIFFERENCES:
+                closure = self.closure  # step() evaluates it, on Hessian steps more than once
+            elif hessian or self.work.iterations or not self.has_gradients:
                 self.opt.zero_grad(set_to_none=True)
                 with math_attention():
-                    loss = self.work.loss(self.model)
-                loss.backward(create_graph=hessian)
+                    self.backward(hessian)
                 self.has_gradients = True
             before_step = self.clock.mark()
-            self.opt.step()
+            if closure is None:
+                self.opt.step()
+            else:
+                self.opt.step(closure)
             marks.append((start, before_step, self.clock.mark(), hessian))
         iteration = statistics.mean(self.clock.ms(a, c) for a, _, c, _ in marks)
         hessian_steps = [self.clock.ms(b, c) for _, b, c, h in marks if h]
@@ -388,6 +415,30 @@ class Run:
             if update_steps:
                 out["update"] = statistics.mean(update_steps)
         return out
+
+    def backward(self, hessian: bool) -> None:
+        """The iteration's gradients (and, on a Hessian step, what the Hessian needs) by
+        the run's mode."""
+        loss = self.work.loss
+        if self.mode is None:
+            loss(self.model).backward(create_graph=hessian)
+            return
+        k = int(self.mode[-1])
+        size = max(1, self.work.batch // k)
+        if self.mode.startswith("accum"):
+            for i in range(k):
+                self.opt.backward(loss(self.model, slice(i * size, (i + 1) * size)) / k)
+        else:
+            loss(self.model).backward()
+            if hessian:
+                self.opt.hessian_backward(loss(self.model, slice(0, size)))
+
+    def closure(self) -> Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        with math_attention():  # as for every other row, though these need no double backward
+            loss = self.work.loss(self.model)
+        loss.backward()
+        return loss
 
     def warm_up(self, memory: Memory) -> None:
         """Three blocks: one to warm up (allocator, lazily built kernels, optimizer state),
@@ -409,9 +460,11 @@ class Run:
 # -------------------------------------------------------------------------- measuring
 
 
-def build_runs(args, device, clock) -> dict[tuple[str, str, int], Run]:
+def build_runs(args, device, clock) -> dict[tuple[str, str, int, str | None], Run]:
     works = workloads(args.quick, device)
     impls = implementations(device)
+    # The modes run on this package's AdaHessian: the fused kernels where available.
+    package = "adahessian-fused" if "adahessian-fused" in impls else REFERENCE
     runs = {}
     for w in works if args.workload == "all" else [args.workload]:
         for name, impl in impls.items():
@@ -419,11 +472,13 @@ def build_runs(args, device, clock) -> dict[tuple[str, str, int], Run]:
             if impl.hessian_due is not None and impl.supports_update_each:
                 schedules = [1, UPDATE_EACH] if works[w].iterations else [UPDATE_EACH]
             for update_each in schedules:
-                runs[(w, name, update_each)] = Run(works[w], impl, update_each, args.steps, device, clock)
+                runs[(w, name, update_each, None)] = Run(works[w], impl, update_each, args.steps, device, clock)
+            for mode in MODES if name == package and works[w].iterations else ():
+                runs[(w, name, 1, mode)] = Run(works[w], impl, 1, args.steps, device, clock, mode)
     return runs
 
 
-def measure(args, runs: dict[tuple[str, str, int], Run], memory: Memory) -> dict[tuple[str, str, str], list[float]]:
+def measure(args, runs: dict[tuple[str, str, int, str | None], Run], memory: Memory) -> dict[tuple[str, str, str], list[float]]:
     """Warm-up (and memory), then interleaved rounds; per (workload, measurement,
     implementation) the mean ms per call of each round."""
     for run in tqdm(runs.values(), desc="warm-up", disable=args.quiet):
@@ -432,7 +487,7 @@ def measure(args, runs: dict[tuple[str, str, int], Run], memory: Memory) -> dict
     items = list(runs.items())
     with tqdm(total=args.rounds * len(items), desc="rounds", disable=args.quiet) as bar:
         for r in range(args.rounds):
-            for (w, name, _), run in items[r % len(items):] + items[: r % len(items)]:
+            for (w, name, _, _), run in items[r % len(items):] + items[: r % len(items)]:
                 for measurement, ms in run.block().items():
                     samples.setdefault((w, measurement, name), []).append(ms)
                 bar.update()
@@ -442,15 +497,17 @@ def measure(args, runs: dict[tuple[str, str, int], Run], memory: Memory) -> dict
 def summarize(samples, runs) -> list[dict]:
     medians = {key: statistics.median(ms) for key, ms in samples.items()}
     # Memory belongs to the iteration rows, from the run that timed them.
-    memory = {(w, run.iteration_name, name): run for (w, name, _), run in runs.items()}
-    works = list(dict.fromkeys(w for w, _, _ in runs))
-    impls = list(dict.fromkeys(name for _, name, _ in runs))
+    memory = {(w, run.iteration_name, name): run for (w, name, _, _), run in runs.items()}
+    works = list(dict.fromkeys(w for w, _, _, _ in runs))
+    impls = list(dict.fromkeys(name for _, name, _, _ in runs))
     rows = []
     for key in sorted(samples, key=lambda k: (works.index(k[0]), MEASUREMENTS.index(k[1]), impls.index(k[2]))):
         w, measurement, name = key
         p25, _, p75 = quartiles(samples[key])
-        reference = medians.get((w, measurement, REFERENCE))
-        adam = medians.get((w, "iteration" if measurement.startswith("iteration") else measurement, ADAM))
+        # A mode's rows compare with the classic iteration (Adam has neither modes nor update_each).
+        classic = "iteration" if measurement.startswith("iteration") else measurement
+        reference = medians.get((w, measurement, REFERENCE)) or medians.get((w, classic, REFERENCE))
+        adam = medians.get((w, classic, ADAM))
         run = memory.get(key)
         rows.append(dict(
             workload=w, measurement=measurement, impl=name, median_ms=medians[key], p25_ms=p25, p75_ms=p75,
@@ -472,7 +529,7 @@ def _fmt(value, spec):
 
 
 def print_table(rows):
-    header = f"{'workload':<12}{'measurement':<16}{'implementation':<22}{'ms':>9}{'p25..p75':>17}{'x ref':>7}{'x Adam':>8}{'state MiB':>10}{'peak MiB':>10}{'growth MiB':>11}"
+    header = f"{'workload':<12}{'measurement':<18}{'implementation':<22}{'ms':>9}{'p25..p75':>17}{'x ref':>7}{'x Adam':>8}{'state MiB':>10}{'peak MiB':>10}{'growth MiB':>11}"
     print("\n" + header)
     previous = None
     for r in rows:
@@ -481,7 +538,7 @@ def print_table(rows):
         previous = (r["workload"], r["measurement"])
         spread = f"{r['p25_ms']:.2f}..{r['p75_ms']:.2f}"
         print(
-            f"{r['workload']:<12}{r['measurement']:<16}{r['impl']:<22}{r['median_ms']:>9.2f}{spread:>17}"
+            f"{r['workload']:<12}{r['measurement']:<18}{r['impl']:<22}{r['median_ms']:>9.2f}{spread:>17}"
             f"{_fmt(r['vs_reference'], '.2f'):>7}{_fmt(r['vs_adam'], '.2f'):>8}"
             f"{_fmt(r['state_mib'], '.1f'):>10}{_fmt(r['peak_mib'], '.1f'):>10}{_fmt(r['growth_mib'], '+.1f'):>11}"
         )
@@ -540,7 +597,7 @@ def plot(rows, path: Path, title: str):
         if not group:
             ax.axis("off")
             continue
-        if measurement == MEASUREMENTS[3]:  # show the Adam iteration its ratios are against
+        if measurement.startswith("iteration-"):  # show the Adam iteration its ratios are against
             group = [r for r in rows if (r["workload"], r["measurement"], r["impl"]) == (w, "iteration", ADAM)] + group
         y = range(len(group))
         medians = [r["median_ms"] for r in group]

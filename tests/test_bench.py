@@ -30,16 +30,21 @@ def test_quick_run_writes_json_csv_png(tmp_path, restore_threads):
     assert result["torch"] == torch.__version__ and result["rounds"] == 2
 
     impls = {"adam", "adahessian-reference", "adahessian-foreach"}
+    package = "adahessian-reference"  # the implementation the modes (sub4, accum4, fd, ...) run on
     if backends.fused_unavailable_reason(torch.device("cpu")) is None:
         impls.add("adahessian-fused")
+        package = "adahessian-fused"
+    classic = bench.MEASUREMENTS[: -len(bench.MODES)]
+    modes = [f"iteration-{m}" for m in bench.MODES]
     expected = {
         (w, m, i)
-        for w, measurements in [("cnn", bench.MEASUREMENTS), ("transformer", bench.MEASUREMENTS), ("many-small", ("update", "step"))]
+        for w, measurements in [("cnn", classic), ("transformer", classic), ("many-small", ("update", "step"))]
         for m in measurements
         for i in impls
         if not (i == "adam" and m == "iteration-ue10")
-    }
+    } | {(w, m, package) for w in ("cnn", "transformer") for m in modes}
     assert expected <= {(r["workload"], r["measurement"], r["impl"]) for r in result["rows"]}
+    assert {r["impl"] for r in result["rows"] if r["measurement"] in modes} == {package}
     for r in result["rows"]:
         assert 0 < r["p25_ms"] <= r["median_ms"] <= r["p75_ms"], r
         assert r["vs_adam"] > 0 and r["vs_reference"] > 0, r
