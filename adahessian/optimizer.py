@@ -65,9 +65,12 @@ class AdaHessian(Optimizer):
         \end{aligned}
 
     On a Hessian step (``hessian_due``) the gradients must carry their graph:
-    ``loss.backward(create_graph=True)``; the Hessian-vector products ``Hz`` then cost
-    about one more backward pass per sample. Positional arguments and defaults are the
-    original pure-Python implementation's.
+    ``loss.backward(create_graph=True)``, or :meth:`backward` (which frees each graph at
+    once, for gradient accumulation), or :meth:`hessian_backward` for the Hessian of a
+    sub-batch; the Hessian-vector products ``Hz`` then cost about one more backward pass
+    per sample. With ``hvp="finite_difference"`` no graph is needed: ``step(closure)``
+    evaluates the loss again at perturbed parameters. Positional arguments and defaults
+    are the original pure-Python implementation's.
 
     Args:
         params (iterable): parameters (real, dense) or dicts defining parameter groups.
@@ -97,6 +100,14 @@ class AdaHessian(Optimizer):
         process_group (keyword-only): ``None``, ``"world"`` or a
             ``torch.distributed`` process group whose ranks' gradients and Hessian
             estimates are averaged (default: None).
+        hvp (str, keyword-only): how Hessian-vector products are computed:
+            ``"autograd"`` (double backward, exact), ``"finite_difference"`` (the
+            forward difference of two plain gradients: one extra evaluation of the
+            closure per sample, error O(eps) + O(u/eps)) or ``"central_difference"``
+            (two extra, O(eps^2) + O(u/eps)); the last two need ``step(closure)`` on
+            Hessian steps and work where double backward does not (DDP-wrapped and
+            compiled models, fused attention; README, "Without double backward")
+            (default: ``"autograd"``).
 
     Raises:
         ValueError: an argument outside its range (the original's rules, plus
@@ -105,7 +116,8 @@ class AdaHessian(Optimizer):
         RuntimeError: complex parameters, sparse gradients, ``backend="fused"`` where
             the kernels are unavailable; at ``step()``, gradients computed without
             ``create_graph=True`` on a Hessian step, or a model part without double
-            backward (fused attention: see :func:`adahessian.math_attention`).
+            backward (fused attention: see :func:`adahessian.math_attention`); with a
+            finite-difference ``hvp``, a Hessian step without a closure, or a GradScaler.
 
     Settings and counters live in ``defaults`` and every param group (README, "Where
     settings and counters live"); GradScaler works, with gradient clipping through

@@ -32,6 +32,16 @@ def test_digits_reduced_size_learns(tmp_path, one_thread):
     assert (tmp_path / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_digits_runs_every_variant(tmp_path, one_thread):
+    argv = ["--epochs", "3", "--seeds", "1", "--hessian-fraction", "1", "0.25", "--hvp", "autograd",
+            "finite_difference", "--out", str(tmp_path)]
+    result = train_digits.main(argv)
+    assert set(result["summary"]) == {"adahessian", "adahessian-sub0.25", "adahessian-finite_difference", "adam"}
+    for run in result["runs"]:
+        assert run["train_loss"][-1] < run["train_loss"][0] / 2, run["optimizer"]
+        assert run["accuracy"] >= 0.85, run["optimizer"]
+
+
 def test_quickstart_runs(capsys, monkeypatch, one_thread):
     monkeypatch.setattr(sys, "argv", ["quickstart.py"])
     runpy.run_module("examples.quickstart", run_name="__main__")
