@@ -181,7 +181,8 @@ class AdaHessian(Optimizer):
     @property
     def hessian_due(self) -> bool:
         """True when the next ``step()`` recomputes the Hessian diagonal, i.e. needs
-        ``loss.backward(create_graph=True)``; on other steps a plain backward is enough.
+        ``loss.backward(create_graph=True)`` (with ``hvp="autograd"``; a finite-difference
+        ``hvp`` needs ``step(closure)`` instead); on other steps a plain backward is enough.
         Hessian steps are every ``update_each``-th step, counted from the first step and
         again from any change of ``update_each``, ``n_samples`` or
         ``average_conv_kernel`` (the next step after a change is a Hessian step, as in a
