@@ -47,6 +47,12 @@ def _pair(backend, dtype=torch.float64, **options):
             twin, AdaHessian(twin.parameters(), backend=backend, **options))
 
 
+def _classic_step(model, opt, x, y):
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward(create_graph=opt.hessian_due)
+    opt.step()
+
+
 def _relative(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -55,9 +61,7 @@ def test_micro_batches_through_backward_equal_one_full_batch_backward(backend):
     # float64, so the only difference is rounding (float32 trajectories amplify round-off).
     model, opt, twin, twin_opt = _pair(backend)
     for x, y in _batches(6):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward(create_graph=opt.hessian_due)
-        opt.step()
+        _classic_step(model, opt, x, y)
         twin_opt.zero_grad()
         for xs, ys in zip(x.chunk(4), y.chunk(4)):
             twin_opt.backward(F.cross_entropy(twin(xs), ys) / 4)
@@ -331,9 +335,7 @@ def test_a_parameter_no_hessian_loss_reached_is_warned_about():
 def test_the_state_dict_holds_what_the_classic_path_holds(backend):
     model, opt, twin, twin_opt = _pair(backend)
     for x, y in _batches(3):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward(create_graph=opt.hessian_due)
-        opt.step()
+        _classic_step(model, opt, x, y)
         twin_opt.zero_grad()
         twin_opt.backward(F.cross_entropy(twin(x), y))
         twin_opt.step()
