@@ -1,6 +1,8 @@
 // The adahessian operator library: schemas only. Kernels register per dispatch key
 // (csrc/cpu for CPU); fake (meta) implementations are registered from Python
 // (adahessian/_ops.py). Tensor lists are per parameter; an empty list means "absent".
+// Every op is tagged cudagraph_unsafe (Inductor splits its CUDA graphs around them): the
+// CUDA kernels upload their table from host memory on every call and refuse capture.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -13,9 +15,9 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(adahessian, m) {
   // out[i][j] = the pinned Rademacher sign of (keys[i], logical index j) (docs/algorithm.md, section 2).
-  m.def("rademacher_(Tensor(a!)[] out, int[] keys) -> ()");
+  m.def("rademacher_(Tensor(a!)[] out, int[] keys) -> ()", {at::Tag::cudagraph_unsafe});
   // partial_sums[i] += z * hzs[i], z regenerated from keys[i] (a Hutchinson sample but the last).
-  m.def("accumulate_hessian_(Tensor(a!)[] partial_sums, Tensor[] hzs, int[] keys) -> ()");
+  m.def("accumulate_hessian_(Tensor(a!)[] partial_sums, Tensor[] hzs, int[] keys) -> ()", {at::Tag::cudagraph_unsafe});
   // One AdaHessian step per parameter (docs/algorithm.md, section 1), one pass over memory each.
   // Hessian step: hzs and keys given, D = (partial_sums + z * Hz) / n_samples,
   // stored into hessians when given. Other steps: hzs empty, D read from hessians.
@@ -25,5 +27,6 @@ TORCH_LIBRARY(adahessian, m) {
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_hessian_diag_sqs, Tensor(d!)[] hessians, Tensor[] hzs, Tensor[] partial_sums, "
       "int[] keys, int[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "float hessian_power, int n_samples, bool average_conv_kernel) -> ()");
+      "float hessian_power, int n_samples, bool average_conv_kernel) -> ()",
+      {at::Tag::cudagraph_unsafe});
 }

@@ -193,3 +193,28 @@ def test_training_trajectory_matches_the_reference(target, name):
 @pytest.mark.parametrize("name,dtype", cases.PER_STEP_CUDA, ids=[cases.per_step_id(*c) for c in cases.PER_STEP_CUDA])
 def test_steps_from_identical_state_match_the_reference(target, name, dtype):
     cases.steps_from_identical_state(cases.per_step_case(name, dtype), dtype, cases.STEPS, device=target.device)
+
+
+# ------------------------------------------------------------- CUDA-graph capture
+
+
+@pytest.mark.parametrize("name", _ops.OPS)
+def test_ops_are_tagged_unsafe_for_cuda_graphs(fused_kernels, name):
+    assert torch.Tag.cudagraph_unsafe in getattr(_ops.ops(), name).default.tags
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", list(cases.OPCHECK_CASES))
+def test_cuda_graph_capture_is_refused(case):
+    # A replay would rerun the table's copy from a reused host buffer, with frozen step counts.
+    args = Target("cuda", CUDA).to(cases.OPCHECK_CASES[case]())
+    before = copy.deepcopy(args)
+    op = getattr(torch.ops.adahessian, case.split("/")[0])
+    torch.cuda.synchronize()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            op(*args)
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for x, y in zip(args, before) if isinstance(x, list)
+               for a, b in zip(x, y) if torch.is_tensor(a))
+    op(*args)  # outside capture the op runs

@@ -6,7 +6,7 @@
 //   struct Runtime {
 //     static constexpr const char* kDevice;        // "CUDA", for error messages
 //     static bool accepts(const at::Tensor&);      // a tensor this runtime can address
-//     struct Guard { explicit Guard(at::Device); };
+//     struct Guard { explicit Guard(at::Device); };  // the call's device; may refuse the call
 //     static at::TensorOptions staging();          // host memory a launch's table is built in
 //     static at::Tensor upload(const at::Tensor& staging, at::Device);  // the table, on the device
 //     static void launch(kernel, int64_t blocks, args...);  // kThreads threads a block

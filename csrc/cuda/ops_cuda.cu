@@ -2,6 +2,7 @@
 // dispatch key of the ops (schemas in csrc/ops.cpp): the current device and stream, the
 // launch's table uploaded with one asynchronous copy, every launch checked.
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -17,7 +18,19 @@ namespace {
 struct CudaRuntime {
   static constexpr const char* kDevice = "CUDA";
   static bool accepts(const Tensor& t) { return t.is_cuda(); }
-  using Guard = c10::cuda::CUDAGuard;
+
+  // The device guard of a call, which also refuses CUDA-graph capture: a replay would
+  // rerun the table's copy from a pinned host buffer that has since been reused, with
+  // the step counts frozen at capture.
+  struct Guard {
+    c10::cuda::CUDAGuard device;
+    explicit Guard(const at::Device& d) : device(d) {
+      TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+                  "adahessian: the fused CUDA kernels cannot be captured in a CUDA graph (each call copies its "
+                  "launch table from host memory, and the step counts would be frozen into the graph): call "
+                  "optimizer.step() outside torch.cuda.graph() capture.");
+    }
+  };
 
   // Pinned: the table's copy to the device is asynchronous, and the caching host
   // allocator keeps the staging buffer alive until it has run. The device buffer is
