@@ -117,18 +117,21 @@ def test_functional_step_matches_the_reference(target, dtype, case, hessian_powe
 
 
 def _padded(tensors, offset):
-    """Each tensor as a view `offset` elements into a NaN-filled buffer with a margin of
-    16 elements on either side; returns the views and their buffers."""
+    """Each tensor as a view `offset` elements into a buffer with a margin of 16
+    elements on either side, filled with finite random sentinels (a read-modify-write
+    past a view's end changes them; NaN margins would read NaN and write NaN back);
+    returns the views and (buffer, the buffer's copy before the step)."""
     views, buffers = [], []
     for t in tensors:
         if t is None:
             views.append(None)
             continue
-        buffer = torch.full((t.numel() + offset + 32,), float("nan"), dtype=t.dtype, device=t.device)
+        g = torch.Generator().manual_seed(t.numel() + offset)
+        buffer = torch.randn(t.numel() + offset + 32, generator=g).to(t.dtype).to(t.device)
         view = buffer[16 + offset : 16 + offset + t.numel()].view(t.shape)
         view.copy_(t)
         views.append(view)
-        buffers.append((buffer, 16 + offset, t.numel()))
+        buffers.append((buffer, buffer.clone(), 16 + offset, t.numel()))
     return views, buffers
 
 
@@ -138,7 +141,7 @@ def _padded(tensors, offset):
 def test_views_at_every_alignment_match_and_stay_inside(target, dtype, offset, average_conv_kernel):
     # Packed loads need every pointer aligned (16 bytes for float32, 32 for float64); a
     # view's offset decides whether the vectorised path runs, and no path may touch the
-    # NaN margins around the views.
+    # margins around the views.
     before, estimate = cases.problem(dtype, hessian_step=True, kept=True, n_samples=2, channels_last=False)
     options = cases.core_options(2, 1.0, average_conv_kernel)
     want = cases.run_functional("reference", before, estimate, **options)
@@ -153,8 +156,9 @@ def test_views_at_every_alignment_match_and_stay_inside(target, dtype, offset, a
         margins += buffers
     functional.adahessian(*lists.values(), estimate=estimate, **options, backend="fused")
     cases.assert_functional_close(lists, want, before, options)
-    for buffer, start, numel in margins:
-        assert buffer[:start].isnan().all() and buffer[start + numel :].isnan().all()
+    for buffer, sentinels, start, numel in margins:
+        assert torch.equal(buffer[:start], sentinels[:start]), "written before a view"
+        assert torch.equal(buffer[start + numel :], sentinels[start + numel :]), "written past a view's end"
 
 
 def test_thread_order_changes_no_bit(emulator):
