@@ -6,6 +6,7 @@ the CPU kernels, once per instruction set (adahessian/_build.py), and
 
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 from setuptools import setup
@@ -52,15 +53,25 @@ if torch.version.cuda and CUDA_HOME and (torch.cuda.is_available() or os.environ
 
 class Build(BuildExtension):
     """One object directory per extension: the kernel builds compile the same sources
-    with different flags."""
+    with different flags. Per thread, so that `build_ext -j N` (extensions built side by
+    side, as tools/gpu_check.py does) keeps them apart."""
+
+    _per_thread = threading.local()
+
+    @property
+    def build_temp(self):
+        return getattr(self._per_thread, "build_temp", None) or self._build_temp
+
+    @build_temp.setter
+    def build_temp(self, value):
+        self._build_temp = value
 
     def build_extension(self, ext):
-        build_temp = self.build_temp
-        self.build_temp = os.path.join(build_temp, ext.name)
+        self._per_thread.build_temp = os.path.join(self._build_temp, ext.name)
         try:
             super().build_extension(ext)
         finally:
-            self.build_temp = build_temp
+            self._per_thread.build_temp = None
 
 
 setup(ext_modules=extensions, cmdclass={"build_ext": Build})

@@ -72,21 +72,29 @@ def numel(shapes) -> int:
     return sum(torch.Size(s).numel() for s in shapes)
 
 
-def params_and_grads(shapes, device: torch.device):
+def params_and_grads(shapes, device: torch.device, dtype: torch.dtype = torch.float32, channels_last: bool = False):
+    """Random parameters with gradients of ``shapes``; 4-D ones channels-last if asked
+    (then their gradients and optimizer state are too)."""
     g = torch.Generator(device=device).manual_seed(1)
-    params = [nn.Parameter(torch.randn(s, generator=g, device=device)) for s in shapes]
-    grads = [torch.randn(s, generator=g, device=device) for s in shapes]
+
+    def rand(s):
+        t = torch.randn(s, generator=g, device=device).to(dtype)
+        return t.to(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+    params = [nn.Parameter(rand(s)) for s in shapes]
+    grads = [rand(s) for s in shapes]
     return params, grads
 
 
 # ------------------------------------------------------ update-only implementations
 
 
-def adahessian_step(shapes, device: torch.device, backend: str) -> Callable[[], None]:
+def adahessian_step(shapes, device: torch.device, backend: str, dtype: torch.dtype = torch.float32,
+                    channels_last: bool = False, average_conv_kernel: bool = False) -> Callable[[], None]:
     """AdaHessian.step() on non-Hessian steps: one Hessian step first creates the state
     (D of a quadratic), then every step reuses D, as between recomputations."""
-    params, grads = params_and_grads(shapes, device)
-    opt = AdaHessian(params, lr=1e-3, update_each=10**9, backend=backend)
+    params, grads = params_and_grads(shapes, device, dtype, channels_last)
+    opt = AdaHessian(params, lr=1e-3, update_each=10**9, backend=backend, average_conv_kernel=average_conv_kernel)
     sum((p * p).sum() for p in params).backward(create_graph=True)
     opt.step()
     for p, g in zip(params, grads):
@@ -94,8 +102,10 @@ def adahessian_step(shapes, device: torch.device, backend: str) -> Callable[[], 
     return opt.step
 
 
-def adam_step(shapes, device: torch.device) -> Callable[[], None]:
-    params, grads = params_and_grads(shapes, device)
+def adam_step(shapes, device: torch.device, dtype: torch.dtype = torch.float32, channels_last: bool = False,
+              average_conv_kernel: bool = False) -> Callable[[], None]:
+    """torch.optim.Adam(fused=True).step() (average_conv_kernel: AdaHessian's, ignored)."""
+    params, grads = params_and_grads(shapes, device, dtype, channels_last)
     for p, g in zip(params, grads):
         p.grad = g
     return torch.optim.Adam(params, lr=1e-3, fused=True).step
@@ -106,18 +116,22 @@ def copy_step(numel: int, device: torch.device) -> Callable[[], torch.Tensor]:
     return lambda: dst.copy_(src)
 
 
-# (shapes, device) -> the step to time
+# (shapes, device, **options of adahessian_step but backend) -> the step to time
 UPDATE_IMPLS = {
-    "adahessian fused": lambda shapes, device: adahessian_step(shapes, device, "fused"),
-    "adahessian reference": lambda shapes, device: adahessian_step(shapes, device, "reference"),
+    "adahessian fused": lambda shapes, device, **options: adahessian_step(shapes, device, "fused", **options),
+    "adahessian reference": lambda shapes, device, **options: adahessian_step(shapes, device, "reference", **options),
     "adam fused": adam_step,
 }
 
 
-def gb_per_s(impl: str, numel: int, ms: float) -> float:
-    """Memory traffic of an update step: AdaHessian reads p, grad, m, v, D and writes p,
-    m, v (32 bytes per float32 element); Adam has no D (28)."""
-    return (28 if impl.startswith("adam") else 32) * numel / ms / 1e6
+def gb_per_s(impl: str, numel: int, ms: float, dtype: torch.dtype = torch.float32) -> float:
+    """Memory traffic of an update step: both read p and grad and write p (parameter
+    dtype); AdaHessian reads m, v, D and writes m, v in float32 (its state dtype, also
+    for bfloat16/float16 parameters): 32 bytes per float32 element, 26 per bfloat16;
+    Adam has no D and keeps m, v in the parameter dtype (28 and 14)."""
+    p = torch.finfo(dtype).bits // 8
+    state = p if impl.startswith("adam") else 4
+    return (3 * p + (4 if impl.startswith("adam") else 5) * state) * numel / ms / 1e6
 
 
 # -------------------------------------------------------------------------- models

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tools import gpu_check
 
@@ -60,7 +61,7 @@ def test_a_phase_past_its_limit_is_cut_off_with_its_children(tmp_path, monkeypat
     marker = tmp_path / "grandchild-survived"
     child = f"import subprocess, time; subprocess.Popen(['sh', '-c', 'sleep 4; touch {marker}']); time.sleep(60)"
     (tmp_path / "log.txt").write_text("")
-    result = gpu_check.run([sys.executable, "-c", child], tmp_path, "tests", time.monotonic() + 60)
+    result = gpu_check.run([sys.executable, "-c", child], tmp_path, "tests", time.monotonic() + 600)
     assert result["exit"] is None and result["seconds"] < 10
     assert "cut off after 2 s" in (tmp_path / "log.txt").read_text()
     time.sleep(4)
@@ -76,3 +77,58 @@ def test_the_harness_and_its_benchmark_start_as_make_gpu_check_runs_them(tmp_pat
     bench = subprocess.run([sys.executable, "-m", "benchmarks.bench_gpu", "--help"], cwd=ROOT,
                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
     assert bench.returncode == 0 and "--out" in bench.stdout, bench.stderr
+
+
+def test_phases_keep_the_later_phases_time_and_the_check_its_limit():
+    now, deadline = 1000.0, 1000.0 + gpu_check.TOTAL_S
+    later = sum(gpu_check.RESERVED_S[p] for p in gpu_check.PHASES[1:])
+    assert gpu_check.phase_limit("build", now, deadline) == min(gpu_check.LIMITS_S["build"], gpu_check.TOTAL_S - later)
+    # A build that ran long leaves the sanitizer its reserved time.
+    assert gpu_check.phase_limit("tests", deadline - 200, deadline) == 200 - 80 - 80
+    assert gpu_check.phase_limit("sanitizer", deadline - 80, deadline) == 80
+    assert gpu_check.phase_limit("bench", deadline, deadline) == 1
+
+
+def test_phases_see_the_checkout_ahead_of_pythonpath():
+    env = gpu_check.child_env({"PYTHONPATH": "/carried/wheels", "PATH": "/bin"}, FORCE_CUDA="1")
+    assert env["PYTHONPATH"] == f"{gpu_check.ROOT}{os.pathsep}/carried/wheels"
+    assert env["FORCE_CUDA"] == "1" and env["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert gpu_check.child_env({})["PYTHONPATH"] == str(gpu_check.ROOT)
+
+
+def test_undecodable_output_is_kept(tmp_path):
+    (tmp_path / "log.txt").write_text("")
+    result = gpu_check.run([sys.executable, "-c", "import sys; sys.stdout.buffer.write(b'bad \\xff byte')"],
+                           tmp_path, "load", time.monotonic() + 60)
+    assert result["exit"] == 0 and "bad \ufffd byte" in (tmp_path / "log.txt").read_text()
+
+
+def test_the_load_check_fails_without_a_built_cuda_library():
+    # This machine has no built CUDA library: the phase must say so, not pass.
+    result = subprocess.run([sys.executable, "-c", gpu_check.LOAD_CHECK], cwd=ROOT, env=gpu_check.child_env(),
+                            capture_output=True, text=True, timeout=120)
+    if result.returncode == 0:
+        assert "loaded" in result.stdout  # a machine with a GPU and a build
+    else:
+        assert "AssertionError" in result.stderr or "Error" in result.stderr
+
+
+def test_the_benchmark_sets_run_and_tabulate_on_the_cpu(monkeypatch):
+    # Every update set's options and the Hessian iteration, on the CPU and tiny: what
+    # bench_gpu would build on the GPU does not fail there on a typo.
+    from benchmarks import bench_gpu, common
+
+    shapes = [(4, 3, 3, 3), (4,), (5, 4)]
+    for _, options in bench_gpu.update_sets().values():
+        for make in common.UPDATE_IMPLS.values():
+            make(shapes, torch.device("cpu"), **options)()
+    monkeypatch.setattr(bench_gpu, "HESSIAN_BATCH", 2)
+    for fn, numel in bench_gpu.hessian_iterations(torch.device("cpu")).values():
+        fn()
+        assert numel > 1e6
+    assert common.gb_per_s("adahessian fused", 10**6, 1.0) == 32 and common.gb_per_s("adam fused", 10**6, 1.0) == 28
+    assert common.gb_per_s("adahessian fused", 10**6, 1.0, torch.bfloat16) == 26
+    row = dict(set="s", impl="adahessian fused", median_ms=1.0, gbs=None, fraction_of_copy_bandwidth=None,
+               fused_speedup=1.0, kernels_per_step=3)
+    table = bench_gpu.markdown(dict(device="GPU", torch="2", cuda="13", commit="abc", date="d", copy_gbs=1.0, rows=[row]))
+    assert "| s | adahessian fused | 1.000 |  |  | 1.00x | 3 |" in table

@@ -1,7 +1,8 @@
 """`make gpu-check OUT=folder`: on a machine with a GPU (and no network), build the
-extensions in place against the torch that is installed, run the CUDA tests, run the GPU
-benchmark, check the kernels' memory accesses with compute-sanitizer where it exists, and
-write OUT/results.json, OUT/table.md and OUT/log.txt (every phase's output).
+extensions in place against the torch that is installed, prove that the built CUDA
+library loads, run the CUDA tests, run the GPU benchmark, check the kernels' memory
+accesses with compute-sanitizer where it exists, and write OUT/results.json,
+OUT/table.md and OUT/log.txt (every phase's output).
 
     python3 tools/gpu_check.py --out OUT
 
@@ -42,22 +43,52 @@ CUDA_TESTS = ["tests/test_cuda.py", "-k", "not emulated and not thread_order"]
 # float32 (vectorised packs) and float64.
 SANITIZED_TESTS = ["tests/test_cuda.py", "-k", "not emulated and (rademacher_is or accumulate_is or "
                    "functional_step and 1.0 and (float32 or float64))"]
-# Each phase's own limit, and one for the whole check (a device command may run 10
-# minutes, and the machine's time is shared by every try).
-LIMITS_S = dict(build=300, tests=300, bench=240, sanitizer=150)
+# The phases in order; each one's own limit, the time each later phase keeps for itself
+# (an earlier phase that runs long cannot starve it), and one limit for the whole check
+# (a device command may run 10 minutes, and the machine's time is shared by every try).
+PHASES = ("build", "load", "tests", "bench", "sanitizer")
+LIMITS_S = dict(build=200, load=60, tests=200, bench=150, sanitizer=120)
+RESERVED_S = dict(build=0, load=15, tests=90, bench=80, sanitizer=80)
 TOTAL_S = 480
+
+# Run in the harness's environment before the load phase: the built CUDA library must
+# load as it is, or the tests would JIT-build it silently inside their own time limit.
+LOAD_CHECK = (
+    "import adahessian, torch; from adahessian import _build, _ops; "
+    "assert _ops._built_error is None, _ops._built_error; "
+    "assert _ops._has_kernels('CUDA'), 'the built library registered no CUDA kernels'; "
+    "import importlib.util as u; print('loaded', u.find_spec('adahessian.' + _build.CUDA_MODULE).origin, "
+    "'on', torch.cuda.get_device_name())"
+)
+
+
+def phase_limit(name: str, now: float, deadline: float) -> int:
+    """Seconds phase `name` may run from `now`: its own limit, within what the whole
+    check has left once the later phases' reserved time is set aside."""
+    later = sum(RESERVED_S[p] for p in PHASES[PHASES.index(name) + 1 :])
+    return max(1, min(LIMITS_S[name], round(deadline - now - later)))
+
+
+def child_env(env: dict | None = None, **extra) -> dict:
+    """The phases' environment: the checkout ahead of PYTHONPATH, not instead of it
+    (wheels carried in by PYTHONPATH must stay importable)."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    # Deterministic cuBLAS (the per-step tests compare two model copies bit for bit); must
+    # be set before CUDA initialises, so here rather than in the tests.
+    env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
 def run(cmd, out: Path, name: str, deadline: float, **env) -> dict:
-    """Run cmd in the repository root within its phase's limit and what is left of the
-    whole check's, appending its output to OUT/log.txt; returns exit code (None when cut
+    """Run cmd in the repository root within its phase_limit, appending its output to OUT/log.txt; returns exit code (None when cut
     off), seconds and the output's tail."""
     start = time.monotonic()
-    limit = max(1, min(LIMITS_S[name], round(deadline - start)))
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env}
+    limit = phase_limit(name, start, deadline)
     # A session of its own: a cut-off phase takes its children (ninja, nvcc) with it.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    # errors="replace": one undecodable byte from a compiler must not lose the phase's output.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", start_new_session=True)
     try:
         text, _ = proc.communicate(timeout=limit)
         code = proc.returncode
@@ -103,7 +134,7 @@ def write(out: Path, result: dict) -> None:
     (out / "results.json").write_text(json.dumps(result, indent=2))
     table = [f"# GPU check: {result.get('device')}, torch {result.get('torch')} (CUDA {result.get('cuda')}), "
              f"commit {result['commit'][:10]}, {result['date']}", ""]
-    for phase in ("build", "tests", "bench", "sanitizer"):
+    for phase in PHASES:
         if phase in result:
             r = result[phase]
             counts = ", ".join(f"{v} {k}" for k, v in r.items() if k in PYTEST_OUTCOMES)
@@ -128,13 +159,19 @@ def main(argv=None):
                   commit=source_commit(),
                   device=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                   torch=torch.__version__, cuda=torch.version.cuda)
-    env = dict(FORCE_CUDA="1")
+    jobs = str(os.cpu_count() or 1)
+    # Extensions built side by side (-j), each ninja build with every core (MAX_JOBS).
+    env = dict(FORCE_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", jobs))
     if torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
         env["TORCH_CUDA_ARCH_LIST"] = "{}.{}".format(*torch.cuda.get_device_capability())  # this GPU's only
-    result["build"] = run([py, "setup.py", "build_ext", "--inplace"], out, "build", deadline, **env)
+    result["build"] = run([py, "setup.py", "build_ext", "--inplace", "-j", jobs], out, "build", deadline, **env)
     write(out, result)
 
-    if result["build"]["exit"] != 0:  # the tests would JIT-build the same failing sources
+    if result["build"]["exit"] == 0:
+        # ADAHESSIAN_JIT=0: the built library or nothing (never a silent JIT build).
+        result["load"] = run([py, "-c", LOAD_CHECK], out, "load", deadline, ADAHESSIAN_JIT="0")
+        write(out, result)
+    if result["build"]["exit"] != 0 or result["load"]["exit"] != 0:  # the tests would JIT-build the same sources
         print((out / "table.md").read_text())
         return 1
 
@@ -162,7 +199,7 @@ def main(argv=None):
         result["sanitizer"] = dict(exit=None, seconds=0, tail=reason)
     write(out, result)
     print((out / "table.md").read_text())
-    return 0 if all(result[p]["exit"] == 0 for p in ("build", "tests", "bench")) else 1
+    return 0 if all(result[p]["exit"] == 0 for p in ("build", "load", "tests", "bench")) else 1
 
 
 if __name__ == "__main__":
