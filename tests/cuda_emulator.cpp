@@ -1,9 +1,11 @@
 // Runs the CUDA kernels of csrc/cuda/kernels.cuh on the CPU, for machines without a GPU:
-// every block and every thread of a launch, one after another, over CPU tensors. The
-// kernels share nothing between threads (no shared memory, shuffles or barriers), so
-// this is their exact semantics; running threads in reverse order as well would expose
-// an element that two threads touch. What it cannot check is the CUDA runtime itself
-// (the table's copy to the device, streams, alignment faults): tests/test_cuda.py does that on a GPU.
+// every block of a launch in turn, and within a block each phase (each_thread) for every
+// thread, one after another, before the next phase; __shared__ memory is one static per
+// variable (blocks run one at a time). That is the kernels' exact semantics as long as
+// threads share data only across phases, which is how kernels.cuh is written; running
+// threads in reverse order as well would expose an element that two threads of one
+// phase touch. What it cannot check is the CUDA runtime itself (the table's copy to the
+// device, streams, alignment faults): tests/test_cuda.py does that on a GPU.
 //
 // Registered for the CPU key of the ops adahessian_cuda_emulator::*, whose schemas the
 // test defines from adahessian's own.
@@ -14,19 +16,33 @@
 
 #define __global__
 #define __device__
+#define __shared__ static
+#define ADAHESSIAN_CUDA_EMULATOR
 
 struct EmulatedIndex {
   unsigned x = 0;
 };
-inline EmulatedIndex threadIdx, blockIdx, blockDim;
+inline EmulatedIndex blockIdx, blockDim;
+
+namespace adahessian {
+namespace cuda {
+
+inline bool reverse_order = false;
+
+template <typename F>
+void each_thread(const F& f) {
+  for (unsigned k = 0; k < blockDim.x; ++k) f(static_cast<int64_t>(reverse_order ? blockDim.x - 1 - k : k));
+}
+inline void block_barrier() {}  // each_thread has run every thread already
+
+}  // namespace cuda
+}  // namespace adahessian
 
 #include "../csrc/cuda/kernels.cuh"
 
 namespace adahessian {
 namespace cuda {
 namespace {
-
-bool reverse_order = false;
 
 struct EmulatedRuntime {
   static constexpr const char* kDevice = "CPU (emulated CUDA)";
@@ -44,10 +60,7 @@ struct EmulatedRuntime {
     blockDim.x = kThreads;
     for (int64_t b = 0; b < blocks; ++b) {
       blockIdx.x = static_cast<unsigned>(reverse_order ? blocks - 1 - b : b);
-      for (int k = 0; k < kThreads; ++k) {
-        threadIdx.x = static_cast<unsigned>(reverse_order ? kThreads - 1 - k : k);
-        kernel(args...);
-      }
+      kernel(args...);  // its each_thread phases run every thread
     }
   }
 };

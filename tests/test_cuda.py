@@ -173,6 +173,30 @@ def test_views_at_every_alignment_match_and_stay_inside(target, dtype, offset, a
         assert torch.equal(buffer[start + numel :], sentinels[start + numel :]), "written past a view's end"
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 3, 3), (2, 3, 7, 7), (2, 1, 30, 30), (1, 2, 50, 50), (1, 1, 300, 300)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_averaged_d_is_bit_identical_to_the_cpu_kernels(target, shape):
+    # The group mean's summation order is math.h's on every backend: the CUDA kernels'
+    # kept D equals the CPU kernels' bit for bit, for groups within a tile (3x3, 7x7,
+    # 30x30: several threads' segments) and beyond it (50x50, and 300x300, a group larger
+    # than a chunk), whose mean is summed over tiles first.
+    g = torch.Generator().manual_seed(4)
+    rand = lambda: torch.randn(shape, generator=g)  # noqa: E731
+    tensors = dict(params=[rand()], grads=[rand()], exp_avgs=[rand()], exp_hessian_diag_sqs=[rand().abs()],
+                   hessians=[rand()], hzs=[rand()])
+    options = dict(partial_sums=[], keys=[5], steps=[3], lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
+                   hessian_power=1.0, n_samples=1, average_conv_kernel=True)
+    on_cpu, on_target = copy.deepcopy(tensors), target.to(tensors)
+    _ops.ops().fused_step_(*on_cpu.values(), **options)
+    backends.fused.kernels(on_target["params"]).fused_step_(*on_target.values(), **options)
+    assert torch.equal(on_target["hessians"][0].cpu(), on_cpu["hessians"][0])
+    d = on_cpu["hessians"][0]
+    assert torch.equal(d, d[:, :, :1, :1].expand_as(d))  # one mean per group
+    z = sampler.rademacher(shape, 5)
+    want = (z * tensors["hzs"][0]).abs().double().mean(dim=(2, 3), keepdim=True).expand_as(d)
+    assert torch.allclose(d.double(), want, rtol=shape[2] * shape[3] * 2.0**-24, atol=0)
+
+
 def test_thread_order_changes_no_bit(emulator):
     # Blocks and threads run in reverse: an element that two threads touch (a race on
     # the GPU) would come out different.

@@ -14,9 +14,12 @@
 //
 // Multi-tensor apply: the host lays out a table of tensors and of chunks (whole
 // conv-kernel groups each), and one launch per dtype covers every tensor, one block per
-// chunk. Kernels use no shared memory, no warp shuffles and no barriers: each element is
-// read and written by exactly one thread, which is what lets the emulator run threads one
-// after another. The per-element math is the shared header's (adahessian/math.h).
+// chunk. Kernels never read threadIdx themselves: the code of a block is uniform, and
+// each_thread(f) runs f(thread) for every thread of the block, a block_barrier()
+// separating phases that share __shared__ memory. On a GPU that is plain per-thread
+// code with __syncthreads(); the emulator runs each phase for all threads, one after
+// another, before the next (no warp shuffles, whose lockstep it could not emulate). The
+// per-element math is the shared header's (adahessian/math.h).
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -36,6 +39,15 @@ namespace adahessian {
 namespace cuda {
 
 using at::Tensor;
+
+#ifndef ADAHESSIAN_CUDA_EMULATOR
+// The thread's part of a phase of the block (see the comment at the top).
+template <typename F>
+__device__ inline void each_thread(const F& f) {
+  f(static_cast<int64_t>(threadIdx.x));
+}
+__device__ inline void block_barrier() { __syncthreads(); }
+#endif
 
 constexpr int kThreads = 256;
 // Elements per lane of the vectorised path: 16-byte accesses for float32 parameters.
@@ -150,9 +162,11 @@ template <typename scalar_t>
 __global__ void rademacher_kernel(const FillMeta<scalar_t>* metas, const Chunk* chunks) {
   const Chunk ch = chunks[blockIdx.x];
   const FillMeta<scalar_t> t = metas[ch.tensor];
-  for (int64_t i = ch.begin + threadIdx.x; i < ch.end; i += blockDim.x) {
-    t.out[i] = rademacher_sign<scalar_t>(rademacher_base(t.key, i), i);
-  }
+  each_thread([&](int64_t thread) {
+    for (int64_t i = ch.begin + thread; i < ch.end; i += blockDim.x) {
+      t.out[i] = rademacher_sign<scalar_t>(rademacher_base(t.key, i), i);
+    }
+  });
 }
 
 template <typename Runtime>
@@ -188,10 +202,12 @@ __global__ void accumulate_kernel(const AccumulateMeta<scalar_t>* metas, const C
   using opmath_t = at::opmath_type<scalar_t>;
   const Chunk ch = chunks[blockIdx.x];
   const AccumulateMeta<scalar_t> t = metas[ch.tensor];
-  for (int64_t i = ch.begin + threadIdx.x; i < ch.end; i += blockDim.x) {
-    const opmath_t z = rademacher_sign<opmath_t>(rademacher_base(t.key, i), i);
-    t.partial_sum[i] = hessian_estimate<opmath_t>(z, t.hz[i], t.partial_sum[i], 1);
-  }
+  each_thread([&](int64_t thread) {
+    for (int64_t i = ch.begin + thread; i < ch.end; i += blockDim.x) {
+      const opmath_t z = rademacher_sign<opmath_t>(rademacher_base(t.key, i), i);
+      t.partial_sum[i] = hessian_estimate<opmath_t>(z, t.hz[i], t.partial_sum[i], 1);
+    }
+  });
 }
 
 template <typename Runtime>
@@ -258,6 +274,12 @@ __device__ inline void update_at(const StepMeta<scalar_t>& t, int64_t i, opmath_
   t.exp_hessian_diag_sq[i] = v;
 }
 
+// |D| when averaging over 1x1 kernels (a group of one: group_mean_abs, exactly).
+template <typename scalar_t, typename opmath_t>
+__device__ inline opmath_t averaged_alone(const StepMeta<scalar_t>& t, opmath_t d) {
+  return t.averaging.average ? group_mean_abs<opmath_t>(1, [&](int64_t) { return d; }) : d;
+}
+
 // kPack consecutive elements with packed (16-byte for float32) loads and stores.
 template <Power power, typename scalar_t, typename opmath_t>
 __device__ inline void update_pack(const StepMeta<scalar_t>& t, int64_t i, opmath_t n_samples,
@@ -276,11 +298,13 @@ __device__ inline void update_pack(const StepMeta<scalar_t>& t, int64_t i, opmat
 #pragma unroll
     for (int k = 0; k < kPack; ++k) {
       const opmath_t z = rademacher_sign<opmath_t>(rademacher_base(t.key, i + k), i + k);
-      d[k] = hessian_estimate<opmath_t>(z, static_cast<opmath_t>(h[k]), s[k], n_samples);
+      d[k] = averaged_alone(t, hessian_estimate<opmath_t>(z, static_cast<opmath_t>(h[k]), s[k], n_samples));
     }
     if (t.hessian) store(t.hessian + i, d);
   } else {
     load(d, t.hessian + i);
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) d[k] = averaged_alone(t, d[k]);
   }
 #pragma unroll
   for (int k = 0; k < kPack; ++k) {
@@ -293,6 +317,84 @@ __device__ inline void update_pack(const StepMeta<scalar_t>& t, int64_t i, opmat
   store(t.exp_hessian_diag_sq + i, v);
 }
 
+// Conv-kernel averaging over groups of more than one element, a block at a time and
+// coalesced: the threads compute |D| of consecutive elements into shared memory, sum
+// segments of kSegment elements side by side, combine each group's segment sums in
+// order (math.h fixes that order for every backend), and update consecutive elements
+// with their group's mean. Groups up to kGroupTile elements are handled whole groups
+// per tile; a larger group is swept twice, first for its mean (tile by tile, the running
+// sum of its segments kept in shared memory), then for its updates.
+constexpr int64_t kGroupTile = 2048;  // a multiple of kSegment
+
+template <Power power, typename scalar_t, typename opmath_t>
+__device__ inline void averaged_chunk(const StepMeta<scalar_t>& t, const Chunk& ch, opmath_t n_samples,
+                                      const StepCoefficients<opmath_t>& c) {
+  __shared__ opmath_t abs_d[kGroupTile];
+  __shared__ opmath_t sums[kGroupTile / 2];  // segment sums; then each group's mean at its first
+  const int64_t group = t.averaging.group;
+  const int64_t segments = segments_of(group);
+  // |D| of the n elements from `first` into abs_d, then the sums of their segments
+  // (segments restart at every group start, so `per_group` elements per group).
+  const auto segment_sums = [&](int64_t first, int64_t n, int64_t per_group) {
+    each_thread([&](int64_t thread) {
+      for (int64_t j = thread; j < n; j += blockDim.x) abs_d[j] = std::abs(estimate_at(t, first + j, n_samples));
+    });
+    block_barrier();
+    const int64_t per_group_segments = segments_of(per_group);
+    const int64_t count = n / per_group * per_group_segments;
+    each_thread([&](int64_t thread) {
+      for (int64_t q = thread; q < count; q += blockDim.x) {
+        const int64_t group_end = (q / per_group_segments + 1) * per_group;
+        const int64_t begin = group_end - per_group + q % per_group_segments * kSegment;
+        const int64_t end = begin + kSegment < group_end ? begin + kSegment : group_end;
+        sums[q] = segment_sum_abs<opmath_t>(begin, end, [&](int64_t k) { return abs_d[k]; });
+      }
+    });
+    block_barrier();
+  };
+
+  if (group <= kGroupTile) {
+    const int64_t tile = kGroupTile / group * group;
+    for (int64_t start = ch.begin; start < ch.end; start += tile) {
+      const int64_t n = ch.end - start < tile ? ch.end - start : tile;
+      segment_sums(start, n, group);
+      each_thread([&](int64_t thread) {
+        for (int64_t g = thread; g < n / group; g += blockDim.x) {
+          sums[g * segments] = mean_of_segments<opmath_t>(group, [&](int64_t s) { return sums[g * segments + s]; });
+        }
+      });
+      block_barrier();
+      each_thread([&](int64_t thread) {
+        for (int64_t j = thread; j < n; j += blockDim.x) update_at<power>(t, start + j, sums[j / group * segments], c);
+      });
+      block_barrier();  // before the next tile overwrites the shared memory
+    }
+    return;
+  }
+  __shared__ opmath_t running_sum;
+  for (int64_t g = ch.begin; g < ch.end; g += group) {
+    each_thread([&](int64_t thread) {
+      if (thread == 0) running_sum = 0;
+    });
+    for (int64_t start = g; start < g + group; start += kGroupTile) {
+      const int64_t n = g + group - start < kGroupTile ? g + group - start : kGroupTile;
+      segment_sums(start, n, n);  // tile starts are multiples of kSegment into the group
+      each_thread([&](int64_t thread) {
+        if (thread == 0) {  // this tile's segments, in order, onto the group's running sum
+          for (int64_t s = 0; s < segments_of(n); ++s) running_sum += sums[s];
+        }
+      });
+      block_barrier();
+    }
+    // The running sum is the group's segments summed in order: mean_of_segments's result.
+    const opmath_t mean = running_sum / static_cast<opmath_t>(group);
+    each_thread([&](int64_t thread) {
+      for (int64_t i = g + thread; i < g + group; i += blockDim.x) update_at<power>(t, i, mean, c);
+    });
+    block_barrier();  // running_sum is reset for the next group
+  }
+}
+
 template <Power power, typename scalar_t>
 __global__ void fused_step_kernel(const StepMeta<scalar_t>* metas, const Chunk* chunks,
                                   StepScalars<at::opmath_type<scalar_t>> scalars) {
@@ -301,27 +403,22 @@ __global__ void fused_step_kernel(const StepMeta<scalar_t>* metas, const Chunk* 
   const StepMeta<scalar_t> t = metas[ch.tensor];
   const StepCoefficients<opmath_t> c = t.coefficients;
 
-  if (t.averaging.average) {
-    // Conv-kernel averaging: a lane owns whole groups (chunks hold whole groups): the
-    // group's mean of |D|, then its updates.
-    const int64_t group = t.averaging.group;
-    for (int64_t g = ch.begin + int64_t(threadIdx.x) * group; g < ch.end; g += int64_t(blockDim.x) * group) {
-      const opmath_t d = group_mean_abs<opmath_t>(
-          group, [&](int64_t k) { return estimate_at(t, g + k, scalars.n_samples); });
-      for (int64_t i = g; i < g + group; ++i) update_at<power>(t, i, d, c);
-    }
+  if (t.averaging.average && t.averaging.group > 1) {
+    averaged_chunk<power>(t, ch, scalars.n_samples, c);
     return;
   }
-  int64_t i = ch.begin;
-  if (t.vectorised) {  // chunk starts are multiples of kPack: every pack is aligned
-    for (i = ch.begin + int64_t(threadIdx.x) * kPack; i + kPack <= ch.end; i += int64_t(blockDim.x) * kPack) {
-      update_pack<power>(t, i, scalars.n_samples, c);
+  each_thread([&](int64_t thread) {
+    int64_t i = ch.begin;
+    if (t.vectorised) {  // chunk starts are multiples of kPack: every pack is aligned
+      for (i = ch.begin + thread * kPack; i + kPack <= ch.end; i += int64_t(blockDim.x) * kPack) {
+        update_pack<power>(t, i, scalars.n_samples, c);
+      }
+      i = ch.begin + (ch.end - ch.begin) / kPack * kPack;  // the tail of the tensor's last chunk
     }
-    i = ch.begin + (ch.end - ch.begin) / kPack * kPack;  // the tail of the tensor's last chunk
-  }
-  for (i += threadIdx.x; i < ch.end; i += blockDim.x) {
-    update_at<power>(t, i, estimate_at(t, i, scalars.n_samples), c);
-  }
+    for (i += thread; i < ch.end; i += blockDim.x) {
+      update_at<power>(t, i, averaged_alone(t, estimate_at(t, i, scalars.n_samples)), c);
+    }
+  });
 }
 
 template <typename Runtime>

@@ -67,13 +67,39 @@ struct ScalarMath {
   C10_HOST_DEVICE static T pow(T x, T y) { return ::pow(x, y); }
 };
 
-// Conv-kernel averaging (section 1, step 2): the mean of |d(k)| over k < group,
-// summed in order, then divided, as torch.mean does.
+// Conv-kernel averaging (section 1, step 2): the mean of |d(k)| over k < group. The sum
+// runs in segments of kSegment elements: each segment summed in order, then the segment
+// sums in order, then one division. Up to kSegment elements (3x3, 5x5 kernels) that is
+// the plain sum in order; beyond, it is the order in which CUDA threads sum a large
+// group's segments side by side and then combine them (csrc/cuda/kernels.cuh), so that
+// every backend rounds alike. (Rounding: at most (group - 1) u for the sum, as in any
+// order; tests/tolerances.py.)
+constexpr int64_t kSegment = 32;
+
+// The sum of |d(k)| for begin <= k < end, in order: one segment.
+template <typename T, typename D>
+C10_HOST_DEVICE inline T segment_sum_abs(int64_t begin, int64_t end, const D& d) {
+  T sum = 0;
+  for (int64_t k = begin; k < end; ++k) sum += std::abs(d(k));
+  return sum;
+}
+
+// Segments in one group of `group` elements.
+C10_HOST_DEVICE inline int64_t segments_of(int64_t group) { return (group + kSegment - 1) / kSegment; }
+
+// The group's mean from its segment sums seg(0 .. segments_of(group) - 1), in order.
+template <typename T, typename S>
+C10_HOST_DEVICE inline T mean_of_segments(int64_t group, const S& seg) {
+  T sum = 0;
+  for (int64_t s = 0; s < segments_of(group); ++s) sum += seg(s);
+  return sum / static_cast<T>(group);
+}
+
 template <typename T, typename D>
 C10_HOST_DEVICE inline T group_mean_abs(int64_t group, const D& d) {
-  T sum = 0;
-  for (int64_t k = 0; k < group; ++k) sum += std::abs(d(k));
-  return sum / static_cast<T>(group);
+  return mean_of_segments<T>(group, [&](int64_t s) {
+    return segment_sum_abs<T>(s * kSegment, s * kSegment + kSegment < group ? s * kSegment + kSegment : group, d);
+  });
 }
 
 // One element of AdaHessian's update (section 1, steps 3-5) given D, in place on
