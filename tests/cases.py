@@ -100,6 +100,35 @@ def run_functional(backend, lists, estimate, **options):
     return lists
 
 
+def relayout(t):
+    """t with the same values in another memory order: 4-D channels-last, 2-D column-major."""
+    if t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.t().contiguous().t() if t.dim() == 2 else t
+
+
+def in_place_step_matches(device, kernels):
+    """The fused step (kernels.fused_step_) on channels-last and column-major tensors,
+    without conv-kernel averaging: processed in memory order, in place (the profiler
+    sees no copy), with the result of the same step on contiguous tensors, bit for bit."""
+    lists, estimate = problem(torch.float32, hessian_step=True, kept=True, n_samples=2, channels_last=False)
+    names = ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians")
+    contiguous = to(device, [lists[k] for k in names] + [estimate.hzs, estimate.partial_sums])
+    relaid = [[relayout(t) for t in ts] for ts in contiguous]
+    assert sum(not t.is_contiguous() for t in relaid[0]) >= 2  # (3, 700) column-major, (4, 3, 3, 3) channels-last
+    pointers = [[t.data_ptr() for t in ts] for ts in relaid]
+    options = dict(keys=estimate.keys, steps=lists["state_steps"], lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8,
+                   weight_decay=0.1, hessian_power=1.0, n_samples=2, average_conv_kernel=False)
+    kernels.fused_step_(*contiguous, **options)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        kernels.fused_step_(*relaid, **options)
+    copies = {e.name for e in prof.events()} & {"aten::copy_", "aten::clone", "aten::contiguous", "aten::empty_like"}
+    assert not copies, copies
+    assert [[t.data_ptr() for t in ts] for ts in relaid] == pointers
+    for got, want in zip(relaid, contiguous):
+        assert all(torch.equal(g, w) and g.stride() == relayout(w).stride() for g, w in zip(got, want))
+
+
 STATE = dict(params="param", exp_avgs="exp_avg", exp_hessian_diag_sqs="exp_hessian_diag_sq", hessians="hessian")
 HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "hessian_power")
 

@@ -197,6 +197,10 @@ def test_averaged_d_is_bit_identical_to_the_cpu_kernels(target, shape):
     assert torch.allclose(d.double(), want, rtol=shape[2] * shape[3] * 2.0**-24, atol=0)
 
 
+def test_dense_non_contiguous_tensors_are_stepped_in_place(target):
+    cases.in_place_step_matches(target.device, backends.fused.kernels([torch.empty(0, device=target.device)]))
+
+
 def test_thread_order_changes_no_bit(emulator):
     # Blocks and threads run in reverse: an element that two threads touch (a race on
     # the GPU) would come out different.
@@ -258,3 +262,4 @@ def test_cuda_graph_capture_is_refused(case):
     assert all(torch.equal(a, b) for x, y in zip(args, before) if isinstance(x, list)
                for a, b in zip(x, y) if torch.is_tensor(a))
     op(*args)  # outside capture the op runs
+

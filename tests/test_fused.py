@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from adahessian import functional, sampler
-from cases import (ALL_DTYPES, CORE_CASES, OPCHECK_CASES, PER_STEP, SIZES, STEPS, TRAJECTORIES, assert_functional_close,
-                   core_options, per_step_case, per_step_id, problem, run_functional, steps_from_identical_state,
-                   trajectories_match)
+from cases import (ALL_DTYPES, CORE_CASES, CPU, OPCHECK_CASES, PER_STEP, SIZES, STEPS, TRAJECTORIES,
+                   assert_functional_close, core_options, in_place_step_matches, per_step_case, per_step_id, problem,
+                   relayout, run_functional, steps_from_identical_state, trajectories_match)
 
 # Every test here runs the compiled CPU kernels or checks how they load: skipped, saying
 # why, where they are unavailable (found out when the first test runs, not at collection).
@@ -81,6 +81,26 @@ def test_functional_step_matches_the_reference(dtype, case, hessian_power, avera
     got = run_functional("fused", lists, estimate, **options)
     assert all(g.stride() == w.stride() for g, w in zip(got["params"], want["params"]))
     assert_functional_close(got, want, lists, options)
+
+
+def test_dense_non_contiguous_tensors_are_stepped_in_place():
+    in_place_step_matches(CPU, ops())
+
+
+def test_accumulate_and_rademacher_work_in_place_on_dense_layouts():
+    shapes, keys = [(3, 40), (4, 5, 3, 3)], [101, 202]
+    g = torch.Generator().manual_seed(0)
+    hzs = [relayout(torch.randn(s, generator=g)) for s in shapes]
+    acc = [relayout(torch.randn(s, generator=g)) for s in shapes]
+    want = [a.contiguous() for a in acc]
+    ops().accumulate_hessian_(want, [h.contiguous() for h in hzs], keys)
+    out = [relayout(torch.empty(s)) for s in shapes]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ops().accumulate_hessian_(acc, hzs, keys)
+        ops().rademacher_(out, keys)
+    assert not {e.name for e in prof.events()} & {"aten::copy_", "aten::clone", "aten::contiguous"}
+    assert all(torch.equal(a, w) for a, w in zip(acc, want))
+    assert all(torch.equal(o, sampler.rademacher(o.shape, k)) for o, k in zip(out, keys))
 
 
 @pytest.mark.parametrize("backend", ["reference", "fused"])

@@ -48,9 +48,17 @@ inline void for_each_vector(int64_t n, const F& f) {
   if (k < n) f(k, n - k);
 }
 
-// z at logical indices first .. first + count - 1 of the vector with this key.
+// z of the elements at memory offsets first .. first + count - 1 of a tensor stored in
+// `order`, for the vector with this key.
 template <typename T>
-void rademacher_fill(T* out, uint32_t key, int64_t first, int64_t count) {
+void rademacher_fill(T* out, uint32_t key, int64_t first, int64_t count, const MemoryOrder& order) {
+  if (order.dims != 0) {  // logical indices jump: one base per element
+    for (int64_t k = 0; k < count; ++k) {
+      const uint64_t index = order.logical(first + k);
+      out[k] = rademacher_sign<T>(rademacher_base(key, index), index);
+    }
+    return;
+  }
   for (int64_t k = 0; k < count;) {
     const uint64_t index = first + k;
     // Up to the next multiple of 2^32 the high half of the index, hence base, is fixed.
@@ -87,12 +95,13 @@ const opmath_t* as_opmath(const scalar_t* src, opmath_t* scratch, int64_t n) {
 }
 
 // out = hessian_estimate(z, Hz, partial_sum or 0, n_samples) over the tile of
-// n elements at logical index `start`; z is generated into z_scratch, which may be out.
+// n elements at memory offset `start`; z is generated into z_scratch, which may be out.
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
-void estimate_tile(uint32_t key, int64_t start, int64_t n, const scalar_t* hz, const opmath_t* partial_sum,
-                   opmath_t n_samples, opmath_t* z_scratch, opmath_t* hz_scratch, opmath_t* out) {
+void estimate_tile(uint32_t key, const MemoryOrder& order, int64_t start, int64_t n, const scalar_t* hz,
+                   const opmath_t* partial_sum, opmath_t n_samples, opmath_t* z_scratch, opmath_t* hz_scratch,
+                   opmath_t* out) {
   using Vec = Vectorized<opmath_t>;
-  rademacher_fill(z_scratch, key, start, n);
+  rademacher_fill(z_scratch, key, start, n, order);
   const opmath_t* h = as_opmath(hz, hz_scratch, n);
   const Vec samples(n_samples), zero(0);
   for_each_vector<Vec>(n, [&](int64_t k, int64_t m) {
@@ -107,18 +116,22 @@ void rademacher_cpu(at::TensorList out, at::IntArrayRef keys) {
   check_one_per_key("rademacher_", keys, {out});
   ContiguousViews views;
   std::vector<Tensor> dst;
+  std::vector<MemoryOrder> orders;
   std::vector<uint32_t> key;
   std::vector<int64_t> numel;
   for (size_t i = 0; i < out.size(); ++i) {
     TORCH_CHECK(out[i].device().is_cpu(), "adahessian::rademacher_: out must be CPU tensors");
-    dst.push_back(views.write(out[i]));
+    const auto order = in_place_order({out[i]});
+    dst.push_back(views.write(out[i], order));
+    orders.push_back(order.value_or(MemoryOrder{}));
     key.push_back(checked_key(keys[i]));
     numel.push_back(out[i].numel());
   }
   const auto items = work_items(numel, std::vector<int64_t>(out.size(), 1));
   parallel_over(items, [&](const WorkItem& w) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dst[w.tensor].scalar_type(), "rademacher_", [&] {
-      rademacher_fill(dst[w.tensor].data_ptr<scalar_t>() + w.begin, key[w.tensor], w.begin, w.end - w.begin);
+      rademacher_fill(dst[w.tensor].data_ptr<scalar_t>() + w.begin, key[w.tensor], w.begin, w.end - w.begin,
+                      orders[w.tensor]);
     });
   });
   views.finish();
@@ -127,13 +140,14 @@ void rademacher_cpu(at::TensorList out, at::IntArrayRef keys) {
 // -------------------------------------------------------------- accumulate_hessian_
 
 template <typename scalar_t>
-void accumulate_chunk(const Tensor& acc, const Tensor& hz, uint32_t key, int64_t begin, int64_t end) {
+void accumulate_chunk(const Tensor& acc, const Tensor& hz, uint32_t key, const MemoryOrder& order, int64_t begin,
+                      int64_t end) {
   using opmath_t = at::opmath_type<scalar_t>;
   opmath_t z[kTile], hz_scratch[kTile];
   for (int64_t start = begin; start < end; start += kTile) {
     opmath_t* a = acc.data_ptr<opmath_t>() + start;
     // acc + z * Hz, in the reference's order: the estimate with n_samples = 1.
-    estimate_tile(key, start, std::min(kTile, end - start), hz.const_data_ptr<scalar_t>() + start, a,
+    estimate_tile(key, order, start, std::min(kTile, end - start), hz.const_data_ptr<scalar_t>() + start, a,
                   opmath_t(1), z, hz_scratch, a);
   }
 }
@@ -142,20 +156,23 @@ void accumulate_hessian_cpu(at::TensorList partial_sums, at::TensorList hzs, at:
   check_one_per_key("accumulate_hessian_", keys, {partial_sums, hzs});
   ContiguousViews views;
   std::vector<Tensor> acc, hz;
+  std::vector<MemoryOrder> orders;
   std::vector<uint32_t> key;
   std::vector<int64_t> numel;
   for (size_t i = 0; i < hzs.size(); ++i) {
     TORCH_CHECK(hzs[i].device().is_cpu(), "adahessian::accumulate_hessian_: hzs must be CPU tensors");
     check_like(partial_sums[i], hzs[i], at::toOpMathType(hzs[i].scalar_type()), "partial_sums");
-    acc.push_back(views.write(partial_sums[i]));
-    hz.push_back(views.read(hzs[i]));
+    const auto order = in_place_order({partial_sums[i], hzs[i]});
+    acc.push_back(views.write(partial_sums[i], order));
+    hz.push_back(views.read(hzs[i], order));
+    orders.push_back(order.value_or(MemoryOrder{}));
     key.push_back(checked_key(keys[i]));
     numel.push_back(hzs[i].numel());
   }
   const auto items = work_items(numel, std::vector<int64_t>(hzs.size(), 1));
   parallel_over(items, [&](const WorkItem& w) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hz[w.tensor].scalar_type(), "accumulate_hessian_", [&] {
-      accumulate_chunk<scalar_t>(acc[w.tensor], hz[w.tensor], key[w.tensor], w.begin, w.end);
+      accumulate_chunk<scalar_t>(acc[w.tensor], hz[w.tensor], key[w.tensor], orders[w.tensor], w.begin, w.end);
     });
   });
   views.finish();
@@ -163,13 +180,14 @@ void accumulate_hessian_cpu(at::TensorList partial_sums, at::TensorList hzs, at:
 
 // ---------------------------------------------------------------------- fused_step_
 
-// One parameter's tensors (contiguous) and scalars.
+// One parameter's tensors (in place, or contiguous copies) and scalars.
 struct StepTensor {
   Tensor param, grad, exp_avg, exp_hessian_diag_sq;
   Tensor hessian;      // D kept for later steps; undefined when not kept
   Tensor hz;           // undefined on steps that reuse the kept D
   Tensor partial_sum;  // undefined when n_samples == 1
   uint32_t key = 0;
+  MemoryOrder order;  // the tensors' common order: element offsets are memory offsets
   Averaging averaging;
   StepCoefficients<double> coefficients;
 };
@@ -203,8 +221,8 @@ void step_chunk(const StepTensor& t, double n_samples, int64_t begin, int64_t en
     // 1. D: this step's estimate, or the kept one.
     const opmath_t* d = hessian ? hessian + start : nullptr;
     if (hz) {
-      estimate_tile(t.key, start, n, hz + start, partial_sum ? partial_sum + start : nullptr, opmath_t(n_samples),
-                    d_tile, hz_scratch, d_tile);
+      estimate_tile(t.key, t.order, start, n, hz + start, partial_sum ? partial_sum + start : nullptr,
+                    opmath_t(n_samples), d_tile, hz_scratch, d_tile);
       d = d_tile;
     }
     // 2. Conv-kernel averaging: each group's mean of |D|.
@@ -259,19 +277,23 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     TORCH_CHECK(p.device().is_cpu(), "adahessian::fused_step_: params must be CPU tensors");
     check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, partial_sums);
     StepTensor t;
-    t.param = views.write(p);
-    t.grad = views.read(grads[i]);
-    t.exp_avg = views.write(exp_avgs[i]);
-    t.exp_hessian_diag_sq = views.write(exp_hessian_diag_sqs[i]);
+    t.averaging = averaging_of(p, average_conv_kernel);
+    const auto order = in_place_order(step_tensors_of(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs,
+                                                      partial_sums),
+                                      t.averaging.group);
+    t.order = order.value_or(MemoryOrder{});
+    t.param = views.write(p, order);
+    t.grad = views.read(grads[i], order);
+    t.exp_avg = views.write(exp_avgs[i], order);
+    t.exp_hessian_diag_sq = views.write(exp_hessian_diag_sqs[i], order);
     if (!hessians.empty()) {
-      t.hessian = hessian_step ? views.write(hessians[i]) : views.read(hessians[i]);
+      t.hessian = hessian_step ? views.write(hessians[i], order) : views.read(hessians[i], order);
     }
     if (hessian_step) {
-      t.hz = views.read(hzs[i]);
+      t.hz = views.read(hzs[i], order);
       t.key = checked_key(keys[i]);
-      if (!partial_sums.empty()) t.partial_sum = views.read(partial_sums[i]);
+      if (!partial_sums.empty()) t.partial_sum = views.read(partial_sums[i], order);
     }
-    t.averaging = averaging_of(p, average_conv_kernel);
     t.coefficients = step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power);
     numel.push_back(p.numel());
     group.push_back(t.averaging.group);

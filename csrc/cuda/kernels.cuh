@@ -28,6 +28,7 @@
 #include <ATen/ops/empty.h>
 
 #include <adahessian/host.h>
+#include <adahessian/layout.h>
 #include <adahessian/math.h>
 
 #include <cstdint>
@@ -128,8 +129,8 @@ void launch_over_chunks(const std::vector<Meta>& metas, const std::vector<int64_
   launch(table);
 }
 
-// The frame of every op: one device (checked, then guarded), strided tensors processed
-// as contiguous views written back at the end, and per dtype one call of
+// The frame of every op: one device (checked, then guarded), tensors in place where
+// in_place_order allows, else as contiguous views written back at the end, and per dtype one call of
 // per_dtype(dtype, indices of that dtype's tensors, views, device), which launches.
 template <typename Runtime, typename PerDtype>
 void for_each_dtype(at::TensorList tensors, const char* what, const PerDtype& per_dtype) {
@@ -156,7 +157,15 @@ template <typename scalar_t>
 struct FillMeta {
   scalar_t* out;
   uint32_t key;
+  MemoryOrder order;
 };
+
+// z of the element at memory offset i of a tensor stored in `order`.
+template <typename T>
+__device__ inline T rademacher_at(uint32_t key, const MemoryOrder& order, int64_t i) {
+  const int64_t index = order.logical(i);
+  return rademacher_sign<T>(rademacher_base(key, index), index);
+}
 
 template <typename scalar_t>
 __global__ void rademacher_kernel(const FillMeta<scalar_t>* metas, const Chunk* chunks) {
@@ -164,7 +173,7 @@ __global__ void rademacher_kernel(const FillMeta<scalar_t>* metas, const Chunk* 
   const FillMeta<scalar_t> t = metas[ch.tensor];
   each_thread([&](int64_t thread) {
     for (int64_t i = ch.begin + thread; i < ch.end; i += blockDim.x) {
-      t.out[i] = rademacher_sign<scalar_t>(rademacher_base(t.key, i), i);
+      t.out[i] = rademacher_at<scalar_t>(t.key, t.order, i);
     }
   });
 }
@@ -178,7 +187,9 @@ void rademacher(at::TensorList out, at::IntArrayRef keys) {
       std::vector<FillMeta<scalar_t>> metas;
       std::vector<int64_t> numel;
       for (const size_t i : indices) {
-        metas.push_back({views.write(out[i]).data_ptr<scalar_t>(), checked_key(keys[i])});
+        const auto order = in_place_order({out[i]});
+        metas.push_back({views.write(out[i], order).data_ptr<scalar_t>(), checked_key(keys[i]),
+                         order.value_or(MemoryOrder{})});
         numel.push_back(out[i].numel());
       }
       launch_over_chunks<Runtime>(metas, numel, std::vector<int64_t>(numel.size(), 1), device, [](const auto& table) {
@@ -195,6 +206,7 @@ struct AccumulateMeta {
   at::opmath_type<scalar_t>* partial_sum;
   const scalar_t* hz;
   uint32_t key;
+  MemoryOrder order;
 };
 
 template <typename scalar_t>
@@ -204,7 +216,7 @@ __global__ void accumulate_kernel(const AccumulateMeta<scalar_t>* metas, const C
   const AccumulateMeta<scalar_t> t = metas[ch.tensor];
   each_thread([&](int64_t thread) {
     for (int64_t i = ch.begin + thread; i < ch.end; i += blockDim.x) {
-      const opmath_t z = rademacher_sign<opmath_t>(rademacher_base(t.key, i), i);
+      const opmath_t z = rademacher_at<opmath_t>(t.key, t.order, i);
       t.partial_sum[i] = hessian_estimate<opmath_t>(z, t.hz[i], t.partial_sum[i], 1);
     }
   });
@@ -220,8 +232,10 @@ void accumulate_hessian(at::TensorList partial_sums, at::TensorList hzs, at::Int
       std::vector<int64_t> numel;
       for (const size_t i : indices) {
         check_like(partial_sums[i], hzs[i], at::toOpMathType(dtype), "partial_sums");
-        metas.push_back({views.write(partial_sums[i]).data_ptr<at::opmath_type<scalar_t>>(),
-                         views.read(hzs[i]).const_data_ptr<scalar_t>(), checked_key(keys[i])});
+        const auto order = in_place_order({partial_sums[i], hzs[i]});
+        metas.push_back({views.write(partial_sums[i], order).data_ptr<at::opmath_type<scalar_t>>(),
+                         views.read(hzs[i], order).const_data_ptr<scalar_t>(), checked_key(keys[i]),
+                         order.value_or(MemoryOrder{})});
         numel.push_back(hzs[i].numel());
       }
       launch_over_chunks<Runtime>(metas, numel, std::vector<int64_t>(numel.size(), 1), device, [](const auto& table) {
@@ -244,6 +258,7 @@ struct StepMeta {
   const scalar_t* hz;           // null on steps that reuse the kept D
   const opmath_t* partial_sum;  // null when n_samples == 1
   uint32_t key;
+  MemoryOrder order;            // the tensors' common order: element offsets are memory offsets
   Averaging averaging;
   bool vectorised;              // every pointer aligned for packs
   StepCoefficients<opmath_t> coefficients;
@@ -259,7 +274,7 @@ struct StepScalars {
 template <typename scalar_t, typename opmath_t>
 __device__ inline opmath_t estimate_at(const StepMeta<scalar_t>& t, int64_t i, opmath_t n_samples) {
   if (t.hz == nullptr) return t.hessian[i];
-  const opmath_t z = rademacher_sign<opmath_t>(rademacher_base(t.key, i), i);
+  const opmath_t z = rademacher_at<opmath_t>(t.key, t.order, i);
   const opmath_t sum = t.partial_sum ? t.partial_sum[i] : opmath_t(0);
   return hessian_estimate<opmath_t>(z, static_cast<opmath_t>(t.hz[i]), sum, n_samples);
 }
@@ -297,7 +312,7 @@ __device__ inline void update_pack(const StepMeta<scalar_t>& t, int64_t i, opmat
     if (t.partial_sum) load(s, t.partial_sum + i);
 #pragma unroll
     for (int k = 0; k < kPack; ++k) {
-      const opmath_t z = rademacher_sign<opmath_t>(rademacher_base(t.key, i + k), i + k);
+      const opmath_t z = rademacher_at<opmath_t>(t.key, t.order, i + k);
       d[k] = averaged_alone(t, hessian_estimate<opmath_t>(z, static_cast<opmath_t>(h[k]), s[k], n_samples));
     }
     if (t.hessian) store(t.hessian + i, d);
@@ -442,20 +457,25 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
         const Tensor& p = params[i];
         check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, partial_sums);
         StepMeta<scalar_t> t{};
-        t.param = views.write(p).data_ptr<scalar_t>();
-        t.grad = views.read(grads[i]).const_data_ptr<scalar_t>();
-        t.exp_avg = views.write(exp_avgs[i]).data_ptr<opmath_t>();
-        t.exp_hessian_diag_sq = views.write(exp_hessian_diag_sqs[i]).data_ptr<opmath_t>();
+        t.averaging = averaging_of(p, average_conv_kernel);
+        const auto order = in_place_order(
+            step_tensors_of(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, partial_sums),
+            t.averaging.group);
+        t.order = order.value_or(MemoryOrder{});
+        t.param = views.write(p, order).data_ptr<scalar_t>();
+        t.grad = views.read(grads[i], order).const_data_ptr<scalar_t>();
+        t.exp_avg = views.write(exp_avgs[i], order).data_ptr<opmath_t>();
+        t.exp_hessian_diag_sq = views.write(exp_hessian_diag_sqs[i], order).data_ptr<opmath_t>();
         if (!hessians.empty()) {
-          t.hessian = hessian_step ? views.write(hessians[i]).data_ptr<opmath_t>()
-                                   : const_cast<opmath_t*>(views.read(hessians[i]).const_data_ptr<opmath_t>());
+          t.hessian = hessian_step
+                          ? views.write(hessians[i], order).data_ptr<opmath_t>()
+                          : const_cast<opmath_t*>(views.read(hessians[i], order).const_data_ptr<opmath_t>());
         }
         if (hessian_step) {
-          t.hz = views.read(hzs[i]).const_data_ptr<scalar_t>();
+          t.hz = views.read(hzs[i], order).const_data_ptr<scalar_t>();
           t.key = checked_key(keys[i]);
-          if (!partial_sums.empty()) t.partial_sum = views.read(partial_sums[i]).const_data_ptr<opmath_t>();
+          if (!partial_sums.empty()) t.partial_sum = views.read(partial_sums[i], order).const_data_ptr<opmath_t>();
         }
-        t.averaging = averaging_of(p, average_conv_kernel);
         t.vectorised = pack_aligned(t.param) && pack_aligned(t.grad) && pack_aligned(t.exp_avg) &&
                        pack_aligned(t.exp_hessian_diag_sq) && (!t.hessian || pack_aligned(t.hessian)) &&
                        (!t.hz || pack_aligned(t.hz)) && (!t.partial_sum || pack_aligned(t.partial_sum));

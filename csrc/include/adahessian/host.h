@@ -7,12 +7,15 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <adahessian/layout.h>
 #include <adahessian/math.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <deque>
+#include <numeric>
+#include <optional>
 #include <set>
 #include <type_traits>
 #include <utility>
@@ -48,16 +51,69 @@ inline uint32_t checked_key(int64_t key) {
   return static_cast<uint32_t>(key);
 }
 
-// The kernels index every tensor by logical row-major position (z depends on it,
-// docs/algorithm.md section 2; conv-kernel averaging reduces contiguous kh*kw blocks).
-// A non-contiguous tensor (a channels-last conv weight, an expanded Hz) is processed as
-// a contiguous copy, kept alive until finish(), and mutated copies are written back there.
+// The memory order of a dense tensor (no gaps, no overlaps); nullopt otherwise or beyond
+// kMaxDims dimensions.
+inline std::optional<MemoryOrder> memory_order_of(const at::Tensor& t) {
+  MemoryOrder order;
+  if (t.is_contiguous()) return order;
+  if (!t.is_non_overlapping_and_dense() || t.dim() > kMaxDims) return std::nullopt;
+  std::vector<int64_t> dims;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.push_back(d);
+  }
+  std::stable_sort(dims.begin(), dims.end(), [&](int64_t a, int64_t b) { return t.stride(a) > t.stride(b); });
+  for (const int64_t d : dims) {
+    order.sizes[order.dims] = t.size(d);
+    order.logical_strides[order.dims] =
+        std::accumulate(t.sizes().begin() + d + 1, t.sizes().end(), int64_t{1}, std::multiplies<int64_t>());
+    ++order.dims;
+  }
+  return order;
+}
+
+// Whether b is laid out as a (same shape; strides compared where a dimension has more
+// than one element, the only ones that address memory).
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+// The memory order in which one parameter's tensors (the undefined ones skipped) are
+// processed in place: they are dense with one layout, and not averaged over groups of
+// more than one element (in a channels-last weight a kh*kw group is spread over memory;
+// such a tensor, or tensors that disagree, are staged as contiguous copies: nullopt).
+inline std::optional<MemoryOrder> in_place_order(const std::vector<at::Tensor>& tensors, int64_t group = 1) {
+  const at::Tensor& first = tensors.front();
+  std::optional<MemoryOrder> order = memory_order_of(first);
+  if (!order) return std::nullopt;
+  if (order->dims != 0 && group > 1) return std::nullopt;
+  for (const auto& t : tensors) {
+    if (t.defined() && !same_layout(first, t)) return std::nullopt;
+  }
+  return order;
+}
+
+// The kernels walk every tensor in one order per parameter: memory order for tensors
+// in_place_order accepts, else logical row-major order over contiguous copies. Such a
+// copy (of an expanded Hz, of a channels-last weight with conv-kernel averaging, of
+// tensors whose layouts disagree) is kept alive until finish(), and mutated copies are
+// written back there.
 class ContiguousViews {
  public:
   const at::Tensor& read(const at::Tensor& t) {
     if (t.is_contiguous()) return t;
     keep_.push_back(t.contiguous());
     return keep_.back();
+  }
+  // A tensor as it is where in_place is set, else contiguous.
+  const at::Tensor& read(const at::Tensor& t, const std::optional<MemoryOrder>& in_place) {
+    return in_place ? t : read(t);
+  }
+  const at::Tensor& write(const at::Tensor& t, const std::optional<MemoryOrder>& in_place) {
+    return in_place ? t : write(t);
   }
   const at::Tensor& write(const at::Tensor& t) {
     if (t.is_contiguous()) return t;
@@ -160,6 +216,15 @@ inline void check_step_arguments(at::TensorList params, at::TensorList grads, at
   TORCH_CHECK(hessian_step && n_samples > 1 ? partial_sums.size() == count : partial_sums.empty(),
               "adahessian::fused_step_: partial_sums are one per parameter on Hessian steps with n_samples > 1, "
               "else empty");
+}
+
+// Parameter i's tensors, for in_place_order (undefined where a list is empty).
+inline std::vector<at::Tensor> step_tensors_of(size_t i, at::TensorList params, at::TensorList grads,
+                                               at::TensorList exp_avgs, at::TensorList exp_hessian_diag_sqs,
+                                               at::TensorList hessians, at::TensorList hzs,
+                                               at::TensorList partial_sums) {
+  const auto at_i = [&](at::TensorList list) { return list.empty() ? at::Tensor() : list[i]; };
+  return {params[i], grads[i], exp_avgs[i], exp_hessian_diag_sqs[i], at_i(hessians), at_i(hzs), at_i(partial_sums)};
 }
 
 // Device, shape and dtype of parameter i's tensors.
