@@ -263,3 +263,129 @@ def test_cuda_graph_capture_is_refused(case):
                for a, b in zip(x, y) if torch.is_tensor(a))
     op(*args)  # outside capture the op runs
 
+
+# ------------------------------------------- GPU only: what the emulator cannot see
+
+
+def _cuda_problem(seed):
+    lists, estimate = cases.problem(torch.float32, hessian_step=True, kept=True, n_samples=2,
+                                         channels_last=False, seed=seed)
+    return Target("cuda", CUDA).to(lists), Target("cuda", CUDA).to(estimate)
+
+
+def _stepped_tensors(runs):
+    return [t for lists, _ in runs for name in ("params", "exp_avgs", "exp_hessian_diag_sqs", "hessians")
+            for t in lists[name]]
+
+
+@needs_gpu
+def test_launches_queued_behind_a_busy_gpu_match_a_synchronised_run():
+    # Each call copies its table from a pinned host buffer asynchronously: a buffer
+    # reused before its copy ran would hand a later launch another call's table. Two
+    # tensor sets (tables of the same size) stepped back to back behind a busy GPU
+    # must equal the same steps with a synchronisation after each, bit for bit.
+    options = cases.core_options(2, 1.0, True)
+
+    def run(synchronise):
+        runs = [_cuda_problem(seed) for seed in (0, 1, 0, 1)]
+        busy = torch.randn(4096, 4096, device=CUDA)
+        torch.cuda.synchronize()
+        for _ in range(20):  # tens of milliseconds of queued work
+            busy = torch.tanh(busy @ busy)
+        for lists, estimate in runs:
+            functional.adahessian(*lists.values(), estimate=estimate, **options, backend="fused")
+            if synchronise:
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        return runs
+
+    queued, synchronised = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(_stepped_tensors(queued), _stepped_tensors(synchronised)))
+
+
+@needs_gpu
+def test_a_side_stream_matches_the_default_stream():
+    options = cases.core_options(2, 0.5, True)
+    default, side = [_cuda_problem(0)], [_cuda_problem(0)]
+    functional.adahessian(*default[0][0].values(), estimate=default[0][1], **options, backend="fused")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(10**7)  # the side stream is busy: work on the default stream would run first
+        functional.adahessian(*side[0][0].values(), estimate=side[0][1], **options, backend="fused")
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(_stepped_tensors(side), _stepped_tensors(default)))
+
+
+# A tensor past 2^32 elements (bfloat16: 8.6 GB; its float32 state twice that): z near
+# logical indices 2^31 (int32 overflow) and 2^32 (the high half of the index enters the
+# hash) against the sampler's.
+BIG = 2**32 + 2**16
+WINDOWS = [(2**31 - 4096, 8192), (2**32 - 4096, 8192), (BIG - 1000, 1000)]
+
+
+def _assert_z_in_windows(values, key):
+    for start, count in WINDOWS:
+        want = sampler.rademacher_signs(key, start, count, device=CUDA).to(torch.float32)
+        assert torch.equal(values[start : start + count].float(), want), f"z differs in [{start}, {start + count})"
+
+
+@needs_gpu
+def test_logical_indices_past_2_to_the_31_and_32():
+    out = torch.empty(BIG, dtype=torch.bfloat16, device=CUDA)
+    torch.ops.adahessian.rademacher_([out], [77])
+    _assert_z_in_windows(out, 77)
+    del out
+    # accumulate_hessian_: partial_sum += z * 1, from zero.
+    hz = torch.ones(BIG, dtype=torch.bfloat16, device=CUDA)
+    acc = torch.zeros(BIG, dtype=torch.float32, device=CUDA)
+    torch.ops.adahessian.accumulate_hessian_([acc], [hz], [78])
+    _assert_z_in_windows(acc, 78)
+    del acc
+    # fused_step_ keeps D = z * Hz / 1 = z.
+    p, g = torch.zeros_like(hz), torch.zeros_like(hz)
+    m, v, d = (torch.zeros(BIG, dtype=torch.float32, device=CUDA) for _ in range(3))
+    torch.ops.adahessian.fused_step_([p], [g], [m], [v], [d], [hz], [], [79], [1], 0.01, 0.9, 0.999, 1e-8, 0.0,
+                                     1.0, 1, False)
+    _assert_z_in_windows(d, 79)
+    del p, g, m, v, d, hz
+    torch.cuda.empty_cache()
+
+
+@needs_gpu
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad-scaler"])
+def test_a_fused_step_synchronises_the_host_only_where_documented(scaled):
+    # README, "Mixed precision": no host synchronisation without a GradScaler; with one,
+    # one read per step (per try of the Hessian-vector product on a Hessian step).
+    import warnings
+
+    from adahessian import AdaHessian
+    from training import backward_and_step
+
+    torch.manual_seed(0)
+    model = cases.MLP().to(CUDA)
+    opt = AdaHessian(model.parameters(), backend="fused", update_each=2)
+    scaler = torch.amp.GradScaler("cuda") if scaled else None
+    g = torch.Generator().manual_seed(1)
+    syncs = []
+    for step in range(4):  # Hessian steps 0 and 2; 0 and 1 warm up (state, first-step checks)
+        batch = Target("cuda", CUDA).to(cases.MLP.batch(g))
+        opt.zero_grad()
+        loss = cases._loss(model, batch)
+        if step < 2:
+            backward_and_step(loss, opt, scaler)
+            continue
+        (scaler.scale(loss) if scaled else loss).backward(create_graph=opt.hessian_due)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                scaler.step(opt) if scaled else opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs.append([str(w.message) for w in caught if "synchroniz" in str(w.message)])
+        if scaled:
+            scaler.update()
+    assert all(len(s) <= (1 if scaled else 0) for s in syncs), syncs
