@@ -359,8 +359,9 @@ __device__ inline void averaged_chunk(const StepMeta<scalar_t>& t, const Chunk& 
     const int64_t count = n / per_group * per_group_segments;
     each_thread([&](int64_t thread) {
       for (int64_t q = thread; q < count; q += blockDim.x) {
-        const int64_t group_end = (q / per_group_segments + 1) * per_group;
-        const int64_t begin = group_end - per_group + q % per_group_segments * kSegment;
+        const auto q32 = static_cast<int32_t>(q), segments32 = static_cast<int32_t>(per_group_segments);  // < kGroupTile
+        const int64_t group_end = (q32 / segments32 + 1) * per_group;
+        const int64_t begin = group_end - per_group + q32 % segments32 * kSegment;
         const int64_t end = begin + kSegment < group_end ? begin + kSegment : group_end;
         sums[q] = segment_sum_abs<opmath_t>(begin, end, [&](int64_t k) { return abs_d[k]; });
       }
@@ -380,7 +381,10 @@ __device__ inline void averaged_chunk(const StepMeta<scalar_t>& t, const Chunk& 
       });
       block_barrier();
       each_thread([&](int64_t thread) {
-        for (int64_t j = thread; j < n; j += blockDim.x) update_at<power>(t, start + j, sums[j / group * segments], c);
+        for (int64_t j = thread; j < n; j += blockDim.x) {
+          // j < kGroupTile: a 32-bit division (a 64-bit one costs dozens of instructions)
+          update_at<power>(t, start + j, sums[static_cast<int32_t>(j) / static_cast<int32_t>(group) * segments], c);
+        }
       });
       block_barrier();  // before the next tile overwrites the shared memory
     }
