@@ -22,7 +22,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
 from adahessian.integrations.lightning import AdaHessianMixin  # noqa: E402
 
-STEPS = 5
+STEPS = 5  # batches of 8
 OPT_ARGS = dict(lr=0.05, eps=1e-4, update_each=2, weight_decay=0.01)
 
 
@@ -84,19 +84,25 @@ def fit(module, **trainer_args):
     return module
 
 
-def by_hand(clip=None, autocast=None):
-    """The README's loop; with autocast="float16" its GradScaler pattern with clipping."""
+def by_hand(clip=None, autocast=None, accumulate=1):
+    """The README's loop; with autocast="float16" its GradScaler pattern with clipping;
+    with accumulate > 1, AdaHessian.backward per micro-batch of the same batches."""
     net = make_net()
     opt = AdaHessian(net.parameters(), **OPT_ARGS)
     scaler = torch.amp.GradScaler("cpu") if autocast == "float16" else None
     if scaler is not None:
         opt.attach_grad_scaler(scaler)
     x, y = data()
-    for i in range(STEPS):
+    for i in range(STEPS // accumulate):
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=getattr(torch, autocast or "float32"), enabled=autocast is not None, cache_enabled=False):
-            loss = torch.nn.functional.cross_entropy(net(x[i * 8 : (i + 1) * 8]), y[i * 8 : (i + 1) * 8])
-        (loss if scaler is None else scaler.scale(loss)).backward(create_graph=opt.hessian_due)
+        for j in range(i * accumulate, (i + 1) * accumulate):
+            with torch.autocast("cpu", dtype=getattr(torch, autocast or "float32"), enabled=autocast is not None, cache_enabled=False):
+                loss = torch.nn.functional.cross_entropy(net(x[j * 8 : (j + 1) * 8]), y[j * 8 : (j + 1) * 8])
+            loss = loss if scaler is None else scaler.scale(loss)
+            if accumulate > 1:
+                opt.backward(loss / accumulate)
+            else:
+                loss.backward(create_graph=opt.hessian_due)
         if scaler is not None:
             scaler.unscale_(opt)
         if clip is not None:
@@ -121,6 +127,12 @@ def test_trainer_equals_a_hand_written_loop_and_honours_hessian_due(module_class
     module = fit(module_class())
     assert_same(module, by_hand())
     assert module.graphs == [True, False, True, False, True]  # update_each=2
+
+
+def test_accumulation_frees_each_micro_batchs_graph():
+    module = fit(Model(), accumulate_grad_batches=2, limit_train_batches=4)
+    assert module.graphs == [False] * 4  # AdaHessian.backward took Hz and freed each graph
+    assert_same(module, by_hand(accumulate=2))
 
 
 def test_without_the_mixin_a_hessian_step_names_the_fix():

@@ -31,7 +31,10 @@ class AdaHessianMixin:
 
     ``backward`` adds ``create_graph=optimizer.hessian_due`` (the double-backward graph
     only on the steps that recompute the Hessian diagonal) unless the caller passes
-    ``create_graph``. ``configure_gradient_clipping`` makes ``Trainer(gradient_clip_val=...)``
+    ``create_graph``; with ``Trainer(accumulate_grad_batches > 1)`` it calls
+    :meth:`AdaHessian.backward` instead, which takes each micro-batch's Hessian-vector
+    products and frees its graph (the same step as one backward on the summed loss, to
+    float rounding, with one micro-batch's graph in memory). ``configure_gradient_clipping`` makes ``Trainer(gradient_clip_val=...)``
     work under ``precision="16-mixed"`` and ``"bf16-mixed"``: Lightning's mixed-precision
     plugin refuses to clip for any optimizer that unscales inside ``step()`` (AdaHessian
     does, for its Hessian-vector products), so the mixin clips itself, after attaching
@@ -47,9 +50,14 @@ class AdaHessianMixin:
     """
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        if "create_graph" not in kwargs:
-            kwargs["create_graph"] = self._adahessian().hessian_due
-        super().backward(loss, *args, **kwargs)
+        if "create_graph" in kwargs or args:
+            return super().backward(loss, *args, **kwargs)
+        optimizer = self._adahessian()
+        if self.automatic_optimization and self.trainer.accumulate_grad_batches > 1:
+            # Each micro-batch's Hz now, its graph freed (the plugin has already scaled
+            # the loss under 16-mixed, and Lightning divided it by the accumulation count).
+            return optimizer.backward(loss)
+        super().backward(loss, create_graph=optimizer.hessian_due)
 
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None

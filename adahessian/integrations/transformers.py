@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import transformers
+from accelerate.utils import DistributedType
 
 from . import unwrap
 from ..attention import math_attention
@@ -26,6 +28,11 @@ class AdaHessianTrainer(transformers.Trainer):
     the accelerator's GradScaler is attached to the optimizer, so ``max_grad_norm``
     clipping (which unscales the gradients first) works; the Hessian-vector products are
     unscaled by the same scale, and not clipped. ``bf16=True`` needs no scaler.
+
+    With ``gradient_accumulation_steps > 1`` each micro-batch goes through
+    :meth:`AdaHessian.backward`, which takes its Hessian-vector products and frees its
+    graph at once (the same step as one backward on the summed loss, to float rounding,
+    with one micro-batch's graph in memory).
 
     On Hessian steps the forward runs under :func:`adahessian.math_attention` (PyTorch's
     fused attention kernels, which the models use through SDPA, have no double backward);
@@ -81,10 +88,7 @@ class AdaHessianTrainer(transformers.Trainer):
         if scaler is not None:
             optimizer.attach_grad_scaler(scaler)
         create_graph = optimizer.hessian_due
-        backward = self.accelerator.backward
-        # Shadow the bound method for this one call rather than copy the Trainer's step
-        # (loss scaling for accumulation, DeepSpeed and LOMO arguments stay the Trainer's).
-        self.accelerator.backward = lambda loss, **kwargs: backward(loss, create_graph=create_graph, **kwargs)
+        self.accelerator.backward = self._backward_for(optimizer, create_graph)
         try:
             if create_graph and self.math_attention_on_hessian_steps:
                 with math_attention():
@@ -92,3 +96,25 @@ class AdaHessianTrainer(transformers.Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         finally:
             del self.accelerator.backward
+
+    def _backward_for(self, optimizer: AdaHessian, create_graph: bool) -> Callable[..., None]:
+        """What the Trainer's ``accelerator.backward(loss)`` does for this step; it
+        shadows the bound method for one training step rather than copy the Trainer's
+        step (its loss normalisation, DeepSpeed and LOMO arguments stay the Trainer's).
+        Accumulating micro-batches, ``optimizer.backward`` takes each one's
+        Hessian-vector products and frees its graph, so the graphs do not pile up until
+        ``step()``; it replaces the plain-DDP branch of accelerate's backward (divide by
+        accelerate's own accumulation count, scale by its GradScaler)."""
+        accelerator = self.accelerator
+        backward = accelerator.backward
+        plain = accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+        if self.args.gradient_accumulation_steps == 1 or not plain:
+            return lambda loss, **kwargs: backward(loss, create_graph=create_graph, **kwargs)
+
+        def accumulate(loss: torch.Tensor, **kwargs: Any) -> None:
+            if kwargs:  # LOMO's learning_rate: accelerate's own branch
+                return backward(loss, create_graph=create_graph, **kwargs)
+            loss = loss / accelerator.gradient_accumulation_steps
+            optimizer.backward(loss if accelerator.scaler is None else accelerator.scaler.scale(loss))
+
+        return accumulate
