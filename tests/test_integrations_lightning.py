@@ -176,6 +176,7 @@ def test_a_module_without_adahessian_is_told_what_to_do():
         fit(WithAdam())
 
 
+@pytest.mark.tooling  # the example script, as the repository's other example tests
 def test_example_quick_runs():
     from examples import lightning_train
 

@@ -124,6 +124,7 @@ def test_clipping_without_the_attached_scaler_names_the_fix(registered):
         train_with_timm(0.05, attach=False, lr=0.05)
 
 
+@pytest.mark.tooling  # the example script, as the repository's other example tests
 def test_example_quick_runs(registered, capsys):
     from examples import timm_train
 

@@ -215,6 +215,7 @@ def test_an_optimizer_of_the_callers_is_used_and_checked(tmp_path):
         trainer.train()
 
 
+@pytest.mark.tooling  # the example script, as the repository's other example tests
 def test_example_quick_runs(tmp_path):
     from examples import hf_trainer
 

@@ -41,6 +41,7 @@ def sdist(tmp_path_factory):
     return path
 
 
+@pytest.mark.tooling
 def test_the_sdist_holds_the_sources_headers_and_subpackages(sdist):
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
@@ -54,6 +55,7 @@ def test_the_sdist_holds_the_sources_headers_and_subpackages(sdist):
     assert "Classifier: Typing :: Typed" in pkg_info
 
 
+@pytest.mark.tooling
 @pytest.mark.skipif(
     os.environ.get("ADAHESSIAN_TEST_SDIST") != "1",
     reason="compiles the CPU kernels (minutes): set ADAHESSIAN_TEST_SDIST=1 (make test-frameworks does)",
