@@ -60,7 +60,7 @@ CUDA_PY := $(CUDA_VENV)/bin/python
 
 test-frameworks: cuda-build
 	$(CUDA_PY) -m pip install --quiet "$(CUDA_TORCH)" "$(FRAMEWORKS_TORCHVISION)" pytest numpy build \
-		$$($(CUDA_PY) -c "import tomllib; print(' '.join(map(repr, tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['frameworks'])))")
+		$$($(CUDA_PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['frameworks']))")
 	cd $(CUDA_SRC) && ADAHESSIAN_TEST_FRAMEWORKS=1 ADAHESSIAN_TEST_SDIST=1 HF_HUB_OFFLINE=1 \
 		$(CUDA_PY) -m pytest -q tests/test_integrations_*.py tests/test_packaging.py
 
