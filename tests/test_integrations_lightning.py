@@ -135,6 +135,29 @@ def test_accumulation_frees_each_micro_batchs_graph():
     assert_same(module, by_hand(accumulate=2))
 
 
+class FiniteDifference(Model):
+    def configure_optimizers(self):
+        return AdaHessian(self.parameters(), hvp="finite_difference", **OPT_ARGS)
+
+
+def test_finite_difference_hvp_uses_lightnings_closure():
+    module = fit(FiniteDifference())
+    # No double backward at all; one extra evaluation of the closure per Hessian step (0, 2, 4).
+    assert module.graphs == [False] * (STEPS + 3)
+    net = make_net()
+    opt = AdaHessian(net.parameters(), hvp="finite_difference", **OPT_ARGS)
+    x, y = data()
+    for i in range(STEPS):
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(x[i * 8 : (i + 1) * 8]), y[i * 8 : (i + 1) * 8])
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    assert_same(module, net)
+
+
 def test_without_the_mixin_a_hessian_step_names_the_fix():
     with pytest.raises(RuntimeError, match="create_graph=True"):
         fit(Plain())

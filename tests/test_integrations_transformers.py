@@ -215,6 +215,15 @@ def test_an_optimizer_of_the_callers_is_used_and_checked(tmp_path):
         trainer.train()
 
 
+def test_a_finite_difference_hvp_is_refused_clearly(tmp_path):
+    trainer = AdaHessianTrainer(
+        model=bert(), args=arguments(tmp_path), train_dataset=dataset("bert"),
+        adahessian_kwargs={"hvp": "finite_difference"},
+    )
+    with pytest.raises(ValueError, match=r"hvp='autograd'\) only"):
+        trainer.train()
+
+
 @pytest.mark.tooling  # the example script, as the repository's other example tests
 def test_example_quick_runs(tmp_path):
     from examples import hf_trainer

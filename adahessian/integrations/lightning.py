@@ -34,7 +34,10 @@ class AdaHessianMixin:
     ``create_graph``; with ``Trainer(accumulate_grad_batches > 1)`` it calls
     :meth:`AdaHessian.backward` instead, which takes each micro-batch's Hessian-vector
     products and frees its graph (the same step as one backward on the summed loss, to
-    float rounding, with one micro-batch's graph in memory). ``configure_gradient_clipping`` makes ``Trainer(gradient_clip_val=...)``
+    float rounding, with one micro-batch's graph in memory). With a finite-difference
+    ``hvp`` every backward is plain: Lightning's automatic optimization passes the
+    closure that ``step`` evaluates again at the perturbed parameters (not under
+    ``16-mixed``: finite differences refuse a GradScaler; ``bf16-mixed`` works). ``configure_gradient_clipping`` makes ``Trainer(gradient_clip_val=...)``
     work under ``precision="16-mixed"`` and ``"bf16-mixed"``: Lightning's mixed-precision
     plugin refuses to clip for any optimizer that unscales inside ``step()`` (AdaHessian
     does, for its Hessian-vector products), so the mixin clips itself, after attaching
@@ -53,6 +56,8 @@ class AdaHessianMixin:
         if "create_graph" in kwargs or args:
             return super().backward(loss, *args, **kwargs)
         optimizer = self._adahessian()
+        if optimizer.hvp != "autograd":  # finite differences: plain backwards, step(closure) does the rest
+            return super().backward(loss)
         if self.automatic_optimization and self.trainer.accumulate_grad_batches > 1:
             # Each micro-batch's Hz now, its graph freed (the plugin has already scaled
             # the loss under 16-mixed, and Lightning divided it by the accumulation count).

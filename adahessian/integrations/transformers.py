@@ -49,7 +49,9 @@ class AdaHessianTrainer(transformers.Trainer):
     Raises:
         TypeError: ``adahessian_kwargs`` given together with an optimizer of the caller's;
             (at the first training step) the optimizer is not an :class:`AdaHessian`.
-        ValueError: an :class:`AdaHessian` argument outside its range.
+        ValueError: an :class:`AdaHessian` argument outside its range; (at the first
+            training step) a finite-difference ``hvp``, which needs ``step(closure)``
+            and the Trainer passes none (not supported yet).
     """
 
     def __init__(
@@ -84,6 +86,12 @@ class AdaHessianTrainer(transformers.Trainer):
         ``create_graph=optimizer.hessian_due``."""
         # accelerate's AcceleratedOptimizer does not forward attributes: read the wrapped one.
         optimizer = unwrap(self.optimizer)
+        if optimizer.hvp != "autograd":
+            raise ValueError(
+                f"AdaHessianTrainer drives AdaHessian(hvp='autograd') only: the Trainer calls optimizer.step() "
+                f"without the closure that hvp={optimizer.hvp!r} evaluates again at perturbed parameters; use "
+                "hvp='autograd' (a DDP-wrapped multi-process run is not supported by this Trainer subclass yet)"
+            )
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None:
             optimizer.attach_grad_scaler(scaler)
