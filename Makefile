@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.adahessian-installed
 BENCH_ARGS ?=
 
-.PHONY: setup test bench cuda-build gpu-check clean
+.PHONY: setup test bench cuda-build test-frameworks gpu-check clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,24 @@ cuda-build:
 	cd $(CUDA_SRC) && $(CUDA_VENV)/bin/python -c "from adahessian import _ops; \
 	assert _ops._has_kernels('CUDA') and _ops._has_kernels('CPU'), 'CUDA kernels not registered'; \
 	print('every adahessian op has a CUDA kernel:', ', '.join(_ops.OPS))"
+
+# The framework integrations' tests (timm, Lightning, transformers + accelerate) against
+# the real packages. timm imports torchvision, whose registry builds pair with torch
+# 2.14.1 only, so they run in cuda-build's venv, from its copy of the sources: the
+# compiled CPU kernels there are built against that torch (torch's CUDA build runs on a
+# CPU). The frameworks are the `frameworks` extra of pyproject.toml (not added to .venv,
+# whose torch 2.13 torchvision would replace); nothing downloads at run time. Also the
+# packaging test that builds the sdist in a clean venv (it compiles the CPU kernels).
+# cuda-build is a prerequisite because it copies today's sources to where this runs:
+# `make cuda-build test-frameworks` does both once.
+FRAMEWORKS_TORCHVISION ?= torchvision==0.29.1
+CUDA_PY := $(CUDA_VENV)/bin/python
+
+test-frameworks: cuda-build
+	$(CUDA_PY) -m pip install --quiet "$(CUDA_TORCH)" "$(FRAMEWORKS_TORCHVISION)" pytest numpy build \
+		$$($(CUDA_PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['frameworks']))")
+	cd $(CUDA_SRC) && ADAHESSIAN_TEST_FRAMEWORKS=1 ADAHESSIAN_TEST_SDIST=1 HF_HUB_OFFLINE=1 \
+		$(CUDA_PY) -m pytest -q tests/test_integrations_*.py tests/test_packaging.py
 
 # On a machine with a GPU and torch preinstalled (no network): build in place, run the
 # CUDA tests and the GPU benchmark, write OUT/results.json and OUT/table.md.

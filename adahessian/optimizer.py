@@ -125,6 +125,8 @@ class AdaHessian(Optimizer):
     """
 
     _step_supports_amp_scaling = True
+    # timm's train.py reads this and passes create_graph=True to every backward (its loss scalers' too).
+    is_second_order = True
 
     update_each = _setting("update_each", "Recompute the Hessian diagonal every this many steps (int >= 1).")
     n_samples = _setting("n_samples", "Rademacher vectors averaged per Hessian estimate (int >= 1).")

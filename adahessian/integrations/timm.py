@@ -1,0 +1,97 @@
+"""timm: ``register()`` makes ``timm.optim.create_optimizer_v2(model, "adahessian", ...)``
+(and timm's ``train.py --opt adahessian``) build this package's :class:`AdaHessian`
+instead of timm's own pure-Python copy.
+
+timm's training loop reads ``optimizer.is_second_order`` (True on :class:`AdaHessian`)
+and then passes ``create_graph=True`` to every backward, its loss scalers' included. With
+``NativeScaler(..., clip_grad=...)`` the scaler calls ``unscale_`` before clipping, so
+the optimizer must know the scaler: :func:`attach_native_scaler`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from timm.optim import OptimInfo
+from timm.optim._optim_factory import default_registry  # timm exports no accessor for it
+
+from ..optimizer import AdaHessian
+
+NAME = "adahessian"
+
+
+def create(params: Any, avg_conv_kernel: bool | None = None, foreach: bool | None = None, **kwargs: Any) -> AdaHessian:
+    """Build :class:`AdaHessian` from the arguments timm's factory passes.
+
+    Args:
+        params (iterable): parameters or parameter groups (timm's weight-decay groups).
+        avg_conv_kernel (bool, optional): timm's spelling of ``average_conv_kernel``.
+        foreach (bool, optional): accepted and ignored: timm passes it to any optimizer
+            when asked to, and AdaHessian chooses its kernels through ``backend``.
+        **kwargs: :class:`AdaHessian`'s own arguments (``lr``, ``betas``, ``eps``,
+            ``weight_decay``, ``update_each``, ``n_samples``, ``backend``, ...).
+
+    Raises:
+        TypeError: both ``avg_conv_kernel`` and ``average_conv_kernel`` given, or an
+            argument :class:`AdaHessian` does not take.
+        ValueError: an argument outside its range (:class:`AdaHessian`'s checks).
+    """
+    if avg_conv_kernel is not None:
+        if "average_conv_kernel" in kwargs:
+            raise TypeError("give avg_conv_kernel (timm's name) or average_conv_kernel, not both")
+        kwargs["average_conv_kernel"] = avg_conv_kernel
+    return AdaHessian(params, **kwargs)
+
+
+def register(registry: Any = None) -> None:
+    """Register :class:`AdaHessian` under the name ``"adahessian"`` in timm's optimizer
+    registry, replacing timm's own ``Adahessian`` there (timm logs that it overwrites
+    it). Idempotent.
+
+    Args:
+        registry (timm.optim.OptimizerRegistry, optional): the registry to change
+            (default: the one ``timm.optim.create_optimizer_v2`` uses).
+    """
+    registry = default_registry if registry is None else registry
+    try:
+        if registry.get_optimizer_info(NAME).opt_class is create:
+            return
+    except ValueError:  # not registered yet
+        pass
+    registry.register(
+        OptimInfo(
+            name=NAME,
+            opt_class=create,
+            description="AdaHessian (Yao et al.), fused kernels (the adahessian package)",
+            has_eps=True,
+            has_betas=True,
+            second_order=True,
+        )
+    )
+
+
+def attach_native_scaler(optimizer: AdaHessian, loss_scaler: Any) -> None:
+    """Hand ``optimizer`` the ``torch.amp.GradScaler`` inside timm's ``NativeScaler``,
+    needed when the scaler clips (``clip_grad``): it unscales the gradients before
+    clipping, and AdaHessian must then divide the Hessian-vector products by the same
+    scale (:meth:`AdaHessian.attach_grad_scaler`).
+
+    Args:
+        optimizer (AdaHessian): the optimizer ``loss_scaler`` steps.
+        loss_scaler (timm.utils.NativeScaler): the scaler timm's loop calls.
+
+    Raises:
+        TypeError: ``optimizer`` is not an :class:`AdaHessian`, or ``loss_scaler`` holds
+            no ``torch.amp.GradScaler`` (timm's ``ApexScaler``: use ``NativeScaler``).
+    """
+    if not isinstance(optimizer, AdaHessian):
+        raise TypeError(f"attach_native_scaler expects an AdaHessian optimizer, got {type(optimizer).__name__}")
+    scaler = getattr(loss_scaler, "_scaler", None)  # NativeScaler keeps its GradScaler here
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(
+            f"attach_native_scaler expects timm's NativeScaler (holding a torch.amp.GradScaler), got "
+            f"{type(loss_scaler).__name__}; for a bare GradScaler call optimizer.attach_grad_scaler(scaler)"
+        )
+    optimizer.attach_grad_scaler(scaler)
