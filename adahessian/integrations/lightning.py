@@ -37,9 +37,11 @@ class AdaHessianMixin:
     float rounding, with one micro-batch's graph in memory). With a finite-difference
     ``hvp`` every backward is plain: Lightning's automatic optimization passes the
     closure that ``step`` evaluates again at the perturbed parameters (not under
-    ``16-mixed``: finite differences refuse a GradScaler; ``bf16-mixed`` works). ``configure_gradient_clipping`` makes ``Trainer(gradient_clip_val=...)``
-    work under ``precision="16-mixed"`` and ``"bf16-mixed"``: Lightning's mixed-precision
-    plugin refuses to clip for any optimizer that unscales inside ``step()`` (AdaHessian
+    ``16-mixed``: finite differences refuse a GradScaler; ``bf16-mixed`` works).
+
+    ``configure_gradient_clipping`` makes ``Trainer(gradient_clip_val=...)`` work under
+    ``precision="16-mixed"`` and ``"bf16-mixed"``: Lightning's mixed-precision plugin
+    refuses to clip for any optimizer that unscales inside ``step()`` (AdaHessian
     does, for its Hessian-vector products), so the mixin clips itself, after attaching
     the plugin's GradScaler (16-mixed) to the optimizer and unscaling the gradients; the
     Hessian-vector products are then unscaled by the scaler's scale, and not clipped.
