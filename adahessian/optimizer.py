@@ -90,7 +90,8 @@ class AdaHessian(Optimizer):
         n_samples (int, optional): Rademacher vectors :math:`S` per estimate (>= 1),
             each one more Hessian-vector product (default: 1).
         average_conv_kernel (bool, optional): average :math:`|D|` over each 4-D conv
-            weight's spatial positions, as in the paper (default: False).
+            weight's spatial positions, as in the paper (default: False). Only 4-D
+            tensors: Conv1d (3-D) and Conv3d (5-D) weights stay per element.
         backend (str, keyword-only): ``"auto"`` (the compiled kernels where available
             for the parameters' device, else the reference path with one warning),
             ``"fused"`` (RuntimeError where unavailable) or ``"reference"``
