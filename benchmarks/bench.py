@@ -529,7 +529,7 @@ def _fmt(value, spec):
 
 
 def print_table(rows):
-    header = f"{'workload':<12}{'measurement':<18}{'implementation':<22}{'ms':>9}{'p25..p75':>17}{'x ref':>7}{'x Adam':>8}{'state MiB':>10}{'peak MiB':>10}{'growth MiB':>11}"
+    header = f"{'workload':<12}{'measurement':<22}{'implementation':<22}{'ms':>9}{'p25..p75':>17}{'x ref':>7}{'x Adam':>8}{'state MiB':>10}{'peak MiB':>10}{'growth MiB':>11}"
     print("\n" + header)
     previous = None
     for r in rows:
@@ -538,7 +538,7 @@ def print_table(rows):
         previous = (r["workload"], r["measurement"])
         spread = f"{r['p25_ms']:.2f}..{r['p75_ms']:.2f}"
         print(
-            f"{r['workload']:<12}{r['measurement']:<18}{r['impl']:<22}{r['median_ms']:>9.2f}{spread:>17}"
+            f"{r['workload']:<12}{r['measurement']:<22}{r['impl']:<22}{r['median_ms']:>9.2f}{spread:>17}"
             f"{_fmt(r['vs_reference'], '.2f'):>7}{_fmt(r['vs_adam'], '.2f'):>8}"
             f"{_fmt(r['state_mib'], '.1f'):>10}{_fmt(r['peak_mib'], '.1f'):>10}{_fmt(r['growth_mib'], '+.1f'):>11}"
         )
