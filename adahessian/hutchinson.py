@@ -37,7 +37,8 @@ SDPA_MESSAGE = (
     "nn.TransformerEncoderLayer and F.scaled_dot_product_attention) have no double "
     "backward. Run the forward pass under the math kernel: "
     "`with adahessian.math_attention(): loss = loss_fn(model(x), y)` (the same as "
-    "`torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`)."
+    "`torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`), or keep the fused kernels with "
+    "AdaHessian(..., hvp='finite_difference'), which needs no double backward."
 )
 
 
@@ -134,16 +135,17 @@ class Accumulated:
     the parameters some loss had a gradient for. ``floor``: the relative floor of
     :func:`floor_` that a sub-batch estimate asks for (0: none)."""
 
-    def __init__(self, *, step: int, counter: int, n_samples: int, factor: float) -> None:
-        self.step, self.counter, self.n_samples, self.factor = step, counter, n_samples, factor
+    def __init__(self, *, step: int, counter: int, n_samples: int, seed: int, factor: float) -> None:
+        self.step, self.counter, self.n_samples, self.seed, self.factor = step, counter, n_samples, seed, factor
         self.floor = 0.0
         self.zs: dict[int, Tensor] = {}
         self.hzs: dict[int, Tensor] = {}
         self.partial_sums: dict[int, Tensor] = {}
         self.reached: set[int] = set()
 
-    def belongs_to(self, step: int, counter: int, n_samples: int) -> bool:
-        return (self.step, self.counter, self.n_samples) == (step, counter, n_samples)
+    def belongs_to(self, step: int, counter: int, n_samples: int, seed: int) -> bool:
+        """Were these products made for the step ``step`` with these z?"""
+        return (self.step, self.counter, self.n_samples, self.seed) == (step, counter, n_samples, seed)
 
 
 def accumulate_(
@@ -236,7 +238,7 @@ def estimate(
         record.check(indices, params, grads, any_graph=any(g is not None and has_graph(g) for g in grads))
         retries = 0
         while True:
-            acc = Accumulated(step=0, counter=counter, n_samples=n_samples, factor=hessian_scale.scale)
+            acc = Accumulated(step=0, counter=counter, n_samples=n_samples, seed=seed, factor=hessian_scale.scale)
             # Under a loss scale the graph is kept for retries (step() frees it).
             accumulate_(acc, grads, params, indices, seed=seed, backend_for=backend_for, record=record,
                         retain_graph=loss_scale.scale is not None)

@@ -112,8 +112,9 @@ class AdaHessian(Optimizer):
 
     Raises:
         ValueError: an argument outside its range (the original's rules, plus
-            ``weight_decay``, ``update_each``, ``n_samples``, ``seed``, ``backend`` and a
-            tensor ``lr``); also at ``step()`` for a setting changed to a bad value.
+            ``weight_decay``, ``update_each``, ``n_samples``, ``seed``, ``backend``,
+            ``hvp`` and a tensor ``lr``); also at ``step()`` for a setting changed to a
+            bad value.
         RuntimeError: complex parameters, sparse gradients, ``backend="fused"`` where
             the kernels are unavailable; at ``step()``, gradients computed without
             ``create_graph=True`` on a Hessian step, or a model part without double
@@ -247,15 +248,19 @@ class AdaHessian(Optimizer):
         micro-batch, the next ``step()`` uses the summed gradient and
         ``D = z * sum(Hz)``, which equals one backward on the summed loss (to float
         rounding; models with batch statistics differ as their gradients do), with the
-        memory of one micro-batch's graph. On other steps it is ``loss.backward()``.
-        Costs, on a Hessian step, what ``create_graph=True`` plus the step's products
-        cost. ``zero_grad()`` drops the products as it drops the gradients.
+        memory of one micro-batch's graph. On other steps, and always with a
+        finite-difference ``hvp`` (whose Hessian steps still need ``step(closure)``), it
+        is a plain backward into the same parameters. Costs, on a Hessian step, what
+        ``create_graph=True`` plus the step's products cost. ``zero_grad()`` drops the
+        products as it drops the gradients.
 
         Raises:
             RuntimeError: ``loss`` does not require grad or reaches none of the
                 parameters; the gradients already carry a graph from
                 ``loss.backward(create_graph=True)`` in this step (mixing both paths);
-                fused attention in the graph (see :func:`adahessian.math_attention`).
+                ``n_samples`` or ``seed`` changed, or a state dict loaded, since the
+                step's first call; fused attention in the graph (see
+                :func:`adahessian.math_attention`).
         """
         self._backward(loss, gradients=True)
 
@@ -284,10 +289,11 @@ class AdaHessian(Optimizer):
                 measurements behind the default). 0 gives the plain estimate.
 
         Raises:
-            ValueError: ``floor`` outside [0, 1].
-            RuntimeError: as :meth:`backward`.
+            ValueError: ``floor`` not a number in [0, 1].
+            RuntimeError: as :meth:`backward`; also with a finite-difference ``hvp``
+                (this differentiates twice, which that setting is there to avoid).
         """
-        if not 0.0 <= floor <= 1.0:
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= floor <= 1.0:
             raise ValueError(f"Invalid floor: {floor!r} (a fraction of the mean |D|, in [0, 1])")
         self._backward(loss, gradients=False)
         if self._accumulated is not None:
@@ -440,9 +446,9 @@ class AdaHessian(Optimizer):
                 torch.autograd.backward(loss, inputs=params)
             return
         self._refuse_mixing([p.grad for p in params])
-        if self._accumulated is None or not self._accumulated.belongs_to(
-                self._counter("optimizer_step"), self._counter("rademacher_counter"), self.n_samples):
+        if self._accumulated is None:
             self._accumulated = self._new_accumulated()
+        self._check_accumulated(self._accumulated)
         try:
             if gradients:
                 before = [p.grad for p in params]
@@ -485,10 +491,22 @@ class AdaHessian(Optimizer):
         return loss
 
     def _new_accumulated(self) -> hutchinson.Accumulated:
-        return hutchinson.Accumulated(
-            step=self._counter("optimizer_step"), counter=self._counter("rademacher_counter"),
-            n_samples=self.n_samples, factor=self._hessian_scale.scale,
-        )
+        return hutchinson.Accumulated(**self._step_identity(), factor=self._hessian_scale.scale)
+
+    def _step_identity(self) -> dict[str, int]:
+        """What the next step's z depend on."""
+        return dict(step=self._counter("optimizer_step"), counter=self._counter("rademacher_counter"),
+                    n_samples=self.n_samples, seed=self.seed)
+
+    def _check_accumulated(self, accumulated: hutchinson.Accumulated, hessian_step: bool = True) -> None:
+        """RuntimeError unless ``accumulated`` was made for this step's z (a change of
+        n_samples or seed, or a load_state_dict, since the first backward() of the step)."""
+        if not (hessian_step and accumulated.belongs_to(**self._step_identity())):
+            raise RuntimeError(
+                "AdaHessian: the Hessian-vector products accumulated by optimizer.backward()/"
+                "hessian_backward() belong to another step (n_samples or seed changed, or a state_dict "
+                "was loaded, since the step's first backward): call zero_grad() and compute them again."
+            )
 
     def _step(self) -> None:
         scale = amp.loss_scale(self, self._grad_scaler)
@@ -497,13 +515,7 @@ class AdaHessian(Optimizer):
         accumulated, self._accumulated = self._accumulated, None  # used by this step only
         entries, grads = self._gather(every_trainable=group is not None)
         if accumulated is not None:
-            if not (hessian_step and accumulated.belongs_to(
-                    self._counter("optimizer_step"), self._counter("rademacher_counter"), self.n_samples)):
-                raise RuntimeError(
-                    "AdaHessian: the Hessian-vector products accumulated by optimizer.backward()/"
-                    "hessian_backward() belong to another step (n_samples changed, or a state_dict was "
-                    "loaded, between them and step()): call zero_grad() and compute them again."
-                )
+            self._check_accumulated(accumulated, hessian_step)
             self._refuse_mixing(grads)
         if not entries:
             return

@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
         runs.append(train("adam", args, seed))
     names = [variant_name(*v) for v in variants] + ["adam"]
     summary = {}
-    width = 8 * args.seeds + 2
+    width = max(8 * args.seeds + 2, 26)
     print(f"{'optimizer':<32}{'test accuracy (per seed)':<{width}}{'mean':>7}{'min':>7}{'s/run':>8}")
     for name in names:
         mine = [r for r in runs if r["optimizer"] == name]

@@ -183,8 +183,9 @@ def test_the_sub_batch_floor_raises_small_curvature_only(backend, n_samples):
     want = torch.cat([torch.full((3,), 0.2 * exact.mean().item(), dtype=torch.float64), exact[3:]])
     assert (want[3:] > want[0]).all()  # the floor leaves the rest alone
     torch.testing.assert_close(opt.state[theta]["hessian"], want, rtol=1e-14, atol=0)
-    with pytest.raises(ValueError, match="Invalid floor"):
-        opt.hessian_backward(_separable(theta, c), floor=1.5)
+    for floor in (1.5, -0.1, "0.1", True):
+        with pytest.raises(ValueError, match="Invalid floor"):
+            opt.hessian_backward(_separable(theta, c), floor=floor)
 
 
 def test_hessian_backward_on_other_steps_does_nothing():
@@ -314,13 +315,19 @@ def test_nothing_to_differentiate_is_a_clear_error(method):
         getattr(opt, method)((other**2).sum())
 
 
-def test_settings_changed_between_backward_and_step_are_refused():
+@pytest.mark.parametrize("setting,value", [("n_samples", 2), ("seed", 5)])
+@pytest.mark.parametrize("then", ["step", "backward"])
+def test_a_change_of_the_steps_z_after_its_first_backward_is_refused(backend, setting, value, then):
+    # The products summed so far used the old z: neither the step nor more micro-batches may mix them with new ones.
     theta = nn.Parameter(torch.ones(3))
-    opt = AdaHessian([theta])
+    opt = AdaHessian([theta], backend=backend)
     opt.backward((theta**4).sum())
-    opt.n_samples = 2
+    setattr(opt, setting, value)
     with pytest.raises(RuntimeError, match="belong to another step"):
-        opt.step()
+        opt.step() if then == "step" else opt.backward((theta**4).sum())
+    opt.zero_grad()  # the way out the message names
+    opt.backward((theta**4).sum())
+    opt.step()
 
 
 def test_a_parameter_no_hessian_loss_reached_is_warned_about():
