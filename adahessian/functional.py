@@ -32,15 +32,18 @@ def sample_rademacher(like: list[Tensor], keys: list[int], *, backend: str) -> l
 
 
 def accumulate_hessian_(
-    acc: list[Tensor], zs: list[Tensor], hzs: list[Tensor], *, keys: list[int] | None = None, backend: str
+    acc: list[Tensor], zs: list[Tensor], hzs: list[Tensor], *, keys: list[int] | None = None,
+    bases: list[Tensor] | None = None, inv_step: float = 1.0, backend: str,
 ) -> None:
     """``acc[i] += z_i * Hz_i`` for one Hutchinson sample, in place. ``acc``: the state
     dtype of the parameters (:func:`state_dtype`); ``zs``, ``hzs``: the parameters' shapes
-    and dtype. The fused kernels regenerate z from its sampler ``keys`` rather than read
-    ``zs`` (ValueError when ``backend="fused"`` gets no ``keys``). Bitwise the same on every backend."""
+    and dtype. With ``bases`` (the same), Hz is the finite difference ``(hzs_i - bases_i)
+    * inv_step``, formed in the state dtype. The fused kernels regenerate z from its
+    sampler ``keys`` rather than read ``zs`` (ValueError when ``backend="fused"`` gets no
+    ``keys``). Bitwise the same on every backend."""
     if keys is None and backend == "fused":
         raise ValueError("accumulate_hessian_(backend='fused') regenerates z from the sampler keys: pass keys=")
-    backends.implementation(backend).accumulate_hessian_(acc, zs, hzs, keys)
+    backends.implementation(backend).accumulate_hessian_(acc, zs, hzs, keys, bases, inv_step)
 
 
 def adahessian(
@@ -72,7 +75,8 @@ def adahessian(
     step (ints >= 1).
 
     A Hessian step passes ``estimate`` (:class:`adahessian.hutchinson.Estimate`, aligned
-    with ``params``, Hz unscaled): ``D = (partial_sums + z * Hz) / n_samples``, written
+    with ``params``, Hz unscaled, or a finite difference's two gradients and ``1 / step``,
+    differenced in the state dtype): ``D = (partial_sums + z * Hz) / n_samples``, written
     into ``hessians`` when they are kept. Other steps pass None and use ``hessians`` as D.
     """
     kept = [h is not None for h in hessians]

@@ -46,21 +46,27 @@ class Estimate(NamedTuple):
     """A Hessian step's Hutchinson data, aligned with the step's parameter list: the
     last sample's z (the parameters' dtype), its sampler keys and Hz (unscaled), and the
     sum of ``z * Hz`` over the earlier samples (the state dtype; None when
-    ``n_samples == 1``)."""
+    ``n_samples == 1``). A finite difference (README, "Without double backward") leaves
+    Hz unformed: ``hzs`` are then the gradients at theta + eps z, ``bases`` those at
+    theta (or theta - eps z) and ``Hz = (hzs - bases) * inv_step``, which the kernels
+    form as they read them (None and 1.0: ``hzs`` are Hz)."""
 
     zs: list[Tensor]
     keys: list[int]
     hzs: list[Tensor]
     partial_sums: list[Tensor] | None
+    bases: list[Tensor] | None = None
+    inv_step: float = 1.0
 
     def select(self, ns: list[int]) -> Estimate:
         """The estimate of the parameters at positions ``ns``."""
-        pick = [self.zs, self.keys, self.hzs, self.partial_sums]
-        return Estimate(*(None if xs is None else [xs[n] for n in ns] for xs in pick))
+        pick = [self.zs, self.keys, self.hzs, self.partial_sums, self.bases]
+        return Estimate(*(None if xs is None else [xs[n] for n in ns] for xs in pick), self.inv_step)
 
     def tensors(self) -> list[Tensor]:
-        """The tensors that distributed training averages across ranks."""
-        return self.hzs + (self.partial_sums or [])
+        """The tensors that distributed training averages across ranks (the bases too:
+        the average of the differences is the difference of the averages)."""
+        return self.hzs + (self.bases or []) + (self.partial_sums or [])
 
 
 class GraphRecord:
@@ -128,7 +134,9 @@ class GraphRecord:
 class Accumulated:
     """Hessian-vector products summed over the losses of one step, per flat parameter
     index (the sampler's ``param_index``): the last sample's z and Hz (the parameters'
-    dtype) and the sum of ``z * Hz`` over the earlier samples (the state dtype). Raw: Hz
+    dtype; from a finite difference its two gradients in ``hzs`` and ``bases`` and the
+    scalar ``inv_step``, as in :class:`Estimate`) and the sum of ``z * Hz`` over the
+    earlier samples (the state dtype). Raw: Hz
     carries the loss scale S of a scaled loss and the factor ``factor`` (c) on z. Hz is
     linear in the loss, so summing the products of several losses gives the product of
     their sum (README, "Gradient accumulation and a sub-batch Hessian"). ``reached``:
@@ -140,6 +148,8 @@ class Accumulated:
         self.floor = 0.0
         self.zs: dict[int, Tensor] = {}
         self.hzs: dict[int, Tensor] = {}
+        self.bases: dict[int, Tensor] = {}
+        self.inv_step = 1.0
         self.partial_sums: dict[int, Tensor] = {}
         self.reached: set[int] = set()
 
@@ -185,20 +195,28 @@ def accumulate_(
 
 def add_sample_(
     acc: Accumulated, s: int, params: list[Tensor], indices: list[int], keys: list[int], zs: list[Tensor],
-    hzs: list[Tensor], *, backend_for: Callable[[torch.device], str],
+    hzs: list[Tensor], *, bases: list[Tensor] | None = None, inv_step: float = 1.0,
+    backend_for: Callable[[torch.device], str],
 ) -> None:
     """Add sample ``s``'s products ``hzs`` (of ``params`` at flat ``indices``, with z
-    ``zs`` drawn with sampler ``keys``) to ``acc``: the last sample's Hz is summed as it
-    is, the earlier samples' ``z * Hz`` into the partial sums."""
+    ``zs`` drawn with sampler ``keys``; with ``bases``, the finite difference
+    ``(hzs - bases) * inv_step``) to ``acc``: the last sample's Hz is summed as it is
+    (a finite difference's operands kept, one per step), the earlier samples' ``z * Hz``
+    into the partial sums."""
     if s == acc.n_samples - 1:
-        for idx, z, hz in zip(indices, zs, hzs):
+        for n, (idx, z, hz) in enumerate(zip(indices, zs, hzs)):
             acc.zs[idx] = z
-            acc.hzs[idx] = hz if idx not in acc.hzs else acc.hzs[idx].add_(hz)
+            if bases is not None:
+                assert idx not in acc.hzs, "a finite difference is taken once per step"
+                acc.hzs[idx], acc.bases[idx], acc.inv_step = hz, bases[n], inv_step
+            else:
+                acc.hzs[idx] = hz if idx not in acc.hzs else acc.hzs[idx].add_(hz)
         return
     sums = [acc.partial_sums.setdefault(idx, torch.zeros_like(p, dtype=state_dtype(p))) for idx, p in zip(indices, params)]
     for ns in by_device(params).values():
         functional.accumulate_hessian_(
             [sums[n] for n in ns], [zs[n] for n in ns], [hzs[n] for n in ns], keys=[keys[n] for n in ns],
+            bases=None if bases is None else [bases[n] for n in ns], inv_step=inv_step,
             backend=backend_for(params[ns[0]].device),
         )
 
@@ -258,7 +276,9 @@ def floor_(estimate: Estimate, floor: float, n_samples: int) -> None:
     sub-batch Hessian: in a piecewise-linear model (ReLU, max-pool) a weight whose unit
     is inactive on every sample of the sub-batch has D = 0 exactly while the full
     batch's gradient is not zero, and its update ``lr * m / (|D| + eps)`` explodes
-    (README, "Gradient accumulation and a sub-batch Hessian")."""
+    (README, "Gradient accumulation and a sub-batch Hessian"). Only hessian_backward
+    asks for it, which a finite difference refuses: ``estimate`` holds Hz itself."""
+    assert estimate.bases is None, "a finite-difference estimate is never floored"
     for i, (z, hz) in enumerate(zip(estimate.zs, estimate.hzs)):
         partial = None if estimate.partial_sums is None else estimate.partial_sums[i]
         dtype = state_dtype(hz)
@@ -278,12 +298,17 @@ def _finish(
     backend_for: Callable[[torch.device], str], loss_scale: amp.LossScale,
 ) -> tuple[Estimate, amp.Overflow | None]:
     """``acc`` as the Estimate of ``params`` (zero Hessian rows where it holds no
-    product), Hz unscaled by ``S * c`` and checked under a loss scale."""
+    product), Hz unscaled by ``S * c`` and checked under a loss scale (never a finite
+    difference's: the optimizer refuses a GradScaler with one)."""
     keys = [sampler.rademacher_key(seed, idx, acc.counter + acc.n_samples - 1) for idx in indices]
     missing = [n for n, idx in enumerate(indices) if idx not in acc.zs]
     sampled = dict(zip(missing, sample([params[n] for n in missing], [keys[n] for n in missing], backend_for)))
     zs = [sampled[n] if n in sampled else acc.zs[idx] for n, idx in enumerate(indices)]
     hzs = [acc.hzs[idx] if idx in acc.hzs else torch.zeros_like(p) for idx, p in zip(indices, params)]
+    bases = None
+    if acc.bases:
+        assert loss_scale.scale is None, "a finite difference is never loss-scaled"
+        bases = [acc.bases[idx] if idx in acc.bases else torch.zeros_like(p) for idx, p in zip(indices, params)]
     partial_sums = None
     if acc.n_samples > 1:
         partial_sums = [acc.partial_sums[idx] if idx in acc.partial_sums else torch.zeros_like(p, dtype=state_dtype(p))
@@ -291,7 +316,7 @@ def _finish(
     overflow = None
     if loss_scale.scale is not None:
         overflow = amp.unscale_and_check_(hzs + (partial_sums or []), loss_scale.scale * acc.factor, loss_scale.found_inf)
-    return Estimate(zs, keys, hzs, partial_sums), overflow
+    return Estimate(zs, keys, hzs, partial_sums, bases, acc.inv_step), overflow
 
 
 def sample(params: list[Tensor], keys: list[int], backend_for: Callable[[torch.device], str]) -> list[Tensor]:

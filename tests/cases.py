@@ -52,16 +52,21 @@ SHAPES = [
     (2, 1, 30, 30),  # a kernel larger than a tile
 ]
 
+# difference: Hz as a finite difference, the kernels reading its two gradients and 1 / eps.
 CORE_CASES = {
     "hessian step, D not kept": dict(hessian_step=True, kept=False, n_samples=1),
     "hessian step, D kept, 3 samples": dict(hessian_step=True, kept=True, n_samples=3),
+    "finite difference, D not kept": dict(hessian_step=True, kept=False, n_samples=1, difference=True),
+    "finite difference, D kept, 2 samples": dict(hessian_step=True, kept=True, n_samples=2, difference=True),
     "step with the kept D": dict(hessian_step=False, kept=True, n_samples=1),
 }
+INV_STEP = 1 / 0.0123  # not a power of two: its rounding to the compute dtype counts
 
 
-def problem(dtype, *, hessian_step, kept, n_samples, channels_last, seed=0):
+def problem(dtype, *, hessian_step, kept, n_samples, channels_last, difference=False, seed=0):
     """Random lists for functional.adahessian (params, grads, state) and, on a Hessian
-    step, its Estimate (z, keys, Hz, partial sums)."""
+    step, its Estimate (z, keys, Hz, partial sums; with ``difference``, Hz as the
+    gradients at two nearby points and INV_STEP)."""
     g = torch.Generator().manual_seed(seed)
     sdtype = tolerances.compute_dtype(dtype)
 
@@ -82,7 +87,12 @@ def problem(dtype, *, hessian_step, kept, n_samples, channels_last, seed=0):
         return lists, None
     hzs = [rand(s, dtype) for s in SHAPES]
     zs = [sampler.rademacher(s, k, dtype=dtype) for s, k in zip(SHAPES, keys)]
-    return lists, Estimate(zs, keys, hzs, [rand(s, sdtype) for s in SHAPES] if n_samples > 1 else None)
+    partial_sums = [rand(s, sdtype) for s in SHAPES] if n_samples > 1 else None
+    if not difference:
+        return lists, Estimate(zs, keys, hzs, partial_sums)
+    # The gradients eps apart differ by about eps * Hz: the difference cancels their leading digits.
+    bases = [(h.double() - rand(s, torch.float64) / INV_STEP).to(dtype) for h, s in zip(hzs, SHAPES)]
+    return lists, Estimate(zs, keys, hzs, partial_sums, bases, INV_STEP)
 
 
 def core_options(n_samples, hessian_power, average_conv_kernel):
@@ -111,14 +121,16 @@ def in_place_step_matches(device, kernels):
     """The fused step (kernels.fused_step_) on channels-last and column-major tensors,
     without conv-kernel averaging: processed in memory order, in place (the profiler
     sees no copy), with the result of the same step on contiguous tensors, bit for bit."""
-    lists, estimate = problem(torch.float32, hessian_step=True, kept=True, n_samples=2, channels_last=False)
+    lists, estimate = problem(torch.float32, hessian_step=True, kept=True, n_samples=2, channels_last=False,
+                              difference=True)
     names = ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians")
-    contiguous = to(device, [lists[k] for k in names] + [estimate.hzs, estimate.partial_sums])
+    contiguous = to(device, [lists[k] for k in names] + [estimate.hzs, estimate.bases, estimate.partial_sums])
     relaid = [[relayout(t) for t in ts] for ts in contiguous]
     assert sum(not t.is_contiguous() for t in relaid[0]) >= 2  # (3, 700) column-major, (4, 3, 3, 3) channels-last
     pointers = [[t.data_ptr() for t in ts] for ts in relaid]
     options = dict(keys=estimate.keys, steps=lists["state_steps"], lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8,
-                   weight_decay=0.1, hessian_power=1.0, n_samples=2, average_conv_kernel=False)
+                   weight_decay=0.1, hessian_power=1.0, n_samples=2, inv_step=estimate.inv_step,
+                   average_conv_kernel=False)
     kernels.fused_step_(*contiguous, **options)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         kernels.fused_step_(*relaid, **options)
@@ -154,23 +166,33 @@ def assert_functional_close(got, want, before, options):
 # --------------------------------------------------------------- operator checks
 
 
-def _op_args(hessian_step):
+def _op_args(hessian_step, difference=False):
     g = torch.Generator().manual_seed(3)
     shapes = [(5, 3), (2, 3, 3, 3)]
     rand = lambda s: torch.randn(s, generator=g)  # noqa: E731
     return (
         [rand(s) for s in shapes], [rand(s) for s in shapes], [rand(s) for s in shapes],
         [rand(s).abs() for s in shapes], [rand(s) for s in shapes],
-        [rand(s) for s in shapes] if hessian_step else [], [], [1, 2] if hessian_step else [], [4, 4],
-        0.01, 0.9, 0.999, 1e-8, 0.01, 1.0, 1, True,
+        [rand(s) for s in shapes] if hessian_step else [], [rand(s) for s in shapes] if difference else [], [],
+        [1, 2] if hessian_step else [], [4, 4], 0.01, 0.9, 0.999, 1e-8, 0.01, 1.0, 1,
+        INV_STEP if difference else 1.0, True,
     )
+
+
+def _accumulate_args(difference):
+    shapes = [(5, 3), (4,)]
+    bases = [torch.randn(s) for s in shapes] if difference else []
+    return ([torch.zeros(s) for s in shapes], [torch.randn(s) for s in shapes], bases, [1, 2],
+            INV_STEP if difference else 1.0)
 
 
 # Each op's arguments (CPU tensors), by "op" or "op/variant".
 OPCHECK_CASES = {
     "rademacher_": lambda: ([torch.empty(5, 3), torch.empty(7, dtype=torch.float64)], [3, 4]),
-    "accumulate_hessian_": lambda: ([torch.zeros(5, 3), torch.zeros(4)], [torch.randn(5, 3), torch.randn(4)], [1, 2]),
+    "accumulate_hessian_": lambda: _accumulate_args(False),
+    "accumulate_hessian_/difference": lambda: _accumulate_args(True),
     "fused_step_/hessian": lambda: _op_args(True),
+    "fused_step_/difference": lambda: _op_args(True, difference=True),
     "fused_step_/kept": lambda: _op_args(False),
 }
 

@@ -101,16 +101,20 @@ def test_rademacher_is_bit_identical_to_the_sampler(target, dtype):
 
 
 @pytest.mark.parametrize("dtype", cases.ALL_DTYPES, ids=cases.dtype_name)
-def test_accumulate_is_bit_identical_to_the_reference(target, dtype):
+@pytest.mark.parametrize("difference", [False, True], ids=["hz", "difference"])
+def test_accumulate_is_bit_identical_to_the_reference(target, dtype, difference):
     g = torch.Generator().manual_seed(0)
     shapes, keys = [(3, 40), (65536 + 5,), (2, 3, 5, 5)], [101, 202, 303]
     hzs = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    bases = [torch.randn(s, generator=g).to(dtype) for s in shapes] if difference else None
     acc = [torch.randn(s, generator=g, dtype=functional.state_dtype(hzs[0])) for s in shapes]
     zs = [sampler.rademacher(s, k, dtype=dtype) for s, k in zip(shapes, keys)]
     want = [a.clone() for a in acc]
-    functional.accumulate_hessian_(want, zs, hzs, backend="reference")
+    inv_step = cases.INV_STEP if difference else 1.0
+    functional.accumulate_hessian_(want, zs, hzs, bases=bases, inv_step=inv_step, backend="reference")
     got = target.to(acc)
-    functional.accumulate_hessian_(got, target.to(zs), target.to(hzs), keys=keys, backend="fused")
+    functional.accumulate_hessian_(got, target.to(zs), target.to(hzs), keys=keys, bases=target.to(bases),
+                                   inv_step=inv_step, backend="fused")
     assert all(torch.equal(a.cpu(), w) for a, w in zip(got, want))
 
 
@@ -150,11 +154,13 @@ def _padded(tensors, offset):
 @pytest.mark.parametrize("dtype", cases.ALL_DTYPES, ids=cases.dtype_name)
 @pytest.mark.parametrize("offset", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("average_conv_kernel", [False, True])
-def test_views_at_every_alignment_match_and_stay_inside(target, dtype, offset, average_conv_kernel):
+@pytest.mark.parametrize("difference", [False, True], ids=["hz", "difference"])
+def test_views_at_every_alignment_match_and_stay_inside(target, dtype, offset, average_conv_kernel, difference):
     # Packed loads need every pointer aligned (16 bytes for float32, 32 for float64); a
     # view's offset decides whether the vectorised path runs, and no path may touch the
     # margins around the views.
-    before, estimate = cases.problem(dtype, hessian_step=True, kept=True, n_samples=2, channels_last=False)
+    before, estimate = cases.problem(dtype, hessian_step=True, kept=True, n_samples=2, channels_last=False,
+                                     difference=difference)
     options = cases.core_options(2, 1.0, average_conv_kernel)
     want = cases.run_functional("reference", before, estimate, **options)
     lists, estimate = target.to(before), target.to(estimate)
@@ -162,7 +168,7 @@ def test_views_at_every_alignment_match_and_stay_inside(target, dtype, offset, a
     for name in ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians"):
         lists[name], buffers = _padded(lists[name], offset)
         margins += buffers
-    for name in ("hzs", "partial_sums"):
+    for name in ("hzs", "partial_sums") + (("bases",) if difference else ()):
         padded, buffers = _padded(getattr(estimate, name), offset)
         estimate = estimate._replace(**{name: padded})
         margins += buffers
@@ -184,8 +190,8 @@ def test_averaged_d_is_bit_identical_to_the_cpu_kernels(target, shape):
     rand = lambda: torch.randn(shape, generator=g)  # noqa: E731
     tensors = dict(params=[rand()], grads=[rand()], exp_avgs=[rand()], exp_hessian_diag_sqs=[rand().abs()],
                    hessians=[rand()], hzs=[rand()])
-    options = dict(partial_sums=[], keys=[5], steps=[3], lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
-                   hessian_power=1.0, n_samples=1, average_conv_kernel=True)
+    options = dict(bases=[], partial_sums=[], keys=[5], steps=[3], lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8,
+                   weight_decay=0.0, hessian_power=1.0, n_samples=1, inv_step=1.0, average_conv_kernel=True)
     on_cpu, on_target = copy.deepcopy(tensors), target.to(tensors)
     _ops.ops().fused_step_(*on_cpu.values(), **options)
     backends.fused.kernels(on_target["params"]).fused_step_(*on_target.values(), **options)
@@ -204,7 +210,8 @@ def test_dense_non_contiguous_tensors_are_stepped_in_place(target):
 def test_thread_order_changes_no_bit(emulator):
     # Blocks and threads run in reverse: an element that two threads touch (a race on
     # the GPU) would come out different.
-    lists, estimate = cases.problem(torch.float32, hessian_step=True, kept=True, n_samples=2, channels_last=True)
+    lists, estimate = cases.problem(torch.float32, hessian_step=True, kept=True, n_samples=2, channels_last=True,
+                                    difference=True)
     options = cases.core_options(2, 0.5, average_conv_kernel=True)
     runs = []
     for reverse in (False, True):
@@ -212,8 +219,8 @@ def test_thread_order_changes_no_bit(emulator):
         runs.append(copy.deepcopy(lists))
         emulator.fused_step_(
             *[runs[-1][k] for k in ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians")],
-            hzs=estimate.hzs, partial_sums=estimate.partial_sums, keys=estimate.keys,
-            steps=runs[-1]["state_steps"], **options,
+            hzs=estimate.hzs, bases=estimate.bases, partial_sums=estimate.partial_sums, keys=estimate.keys,
+            steps=runs[-1]["state_steps"], inv_step=estimate.inv_step, **options,
         )
     emulator.set_reverse_order(False)
     for name in ("params", "exp_avgs", "exp_hessian_diag_sqs", "hessians"):
@@ -340,14 +347,14 @@ def test_logical_indices_past_2_to_the_31_and_32():
     # accumulate_hessian_: partial_sum += z * 1, from zero.
     hz = torch.ones(BIG, dtype=torch.bfloat16, device=CUDA)
     acc = torch.zeros(BIG, dtype=torch.float32, device=CUDA)
-    torch.ops.adahessian.accumulate_hessian_([acc], [hz], [78])
+    torch.ops.adahessian.accumulate_hessian_([acc], [hz], [], [78], 1.0)
     _assert_z_in_windows(acc, 78)
     del acc
     # fused_step_ keeps D = z * Hz / 1 = z.
     p, g = torch.zeros_like(hz), torch.zeros_like(hz)
     m, v, d = (torch.zeros(BIG, dtype=torch.float32, device=CUDA) for _ in range(3))
-    torch.ops.adahessian.fused_step_([p], [g], [m], [v], [d], [hz], [], [79], [1], 0.01, 0.9, 0.999, 1e-8, 0.0,
-                                     1.0, 1, False)
+    torch.ops.adahessian.fused_step_([p], [g], [m], [v], [d], [hz], [], [], [79], [1], 0.01, 0.9, 0.999, 1e-8, 0.0,
+                                     1.0, 1, 1.0, False)
     _assert_z_in_windows(d, 79)
     del p, g, m, v, d, hz
     torch.cuda.empty_cache()

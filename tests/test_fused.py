@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adahessian import functional, sampler
-from cases import (ALL_DTYPES, CORE_CASES, CPU, OPCHECK_CASES, PER_STEP, SIZES, STEPS, TRAJECTORIES,
+from cases import (ALL_DTYPES, CORE_CASES, CPU, INV_STEP, OPCHECK_CASES, PER_STEP, SIZES, STEPS, TRAJECTORIES,
                    assert_functional_close, core_options, in_place_step_matches, per_step_case, per_step_id, problem,
                    relayout, run_functional, steps_from_identical_state, trajectories_match)
 
@@ -52,17 +52,21 @@ def test_rademacher_fill_uses_the_logical_index_of_non_contiguous_outputs():
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_accumulate_is_bit_identical_to_the_reference(dtype):
+@pytest.mark.parametrize("difference", [False, True], ids=["hz", "difference"])
+def test_accumulate_is_bit_identical_to_the_reference(dtype, difference):
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 40), (1031,), (2, 3, 5, 5)]
     keys = [101, 202, 303]
     hzs = [torch.randn(s, generator=g).to(dtype) for s in shapes]
     hzs[0] = hzs[0].t().contiguous().t()  # non-contiguous Hz
+    # A finite difference: Hz = (hzs - bases) * INV_STEP, the bases a contiguous Hz's layout.
+    bases = [torch.randn(s, generator=g).to(dtype) for s in shapes] if difference else None
     acc = [torch.randn(s, generator=g, dtype=functional.state_dtype(hzs[0])) for s in shapes]
     expected = [a.clone() for a in acc]
     zs = [sampler.rademacher(s, k, dtype=dtype) for s, k in zip(shapes, keys)]
-    functional.accumulate_hessian_(expected, zs, hzs, backend="reference")
-    functional.accumulate_hessian_(acc, zs, hzs, keys=keys, backend="fused")
+    options = dict(bases=bases, inv_step=INV_STEP if difference else 1.0)
+    functional.accumulate_hessian_(expected, zs, hzs, **options, backend="reference")
+    functional.accumulate_hessian_(acc, zs, hzs, keys=keys, **options, backend="fused")
     assert all(torch.equal(a, e) for a, e in zip(acc, expected))
 
 
@@ -91,12 +95,13 @@ def test_accumulate_and_rademacher_work_in_place_on_dense_layouts():
     shapes, keys = [(3, 40), (4, 5, 3, 3)], [101, 202]
     g = torch.Generator().manual_seed(0)
     hzs = [relayout(torch.randn(s, generator=g)) for s in shapes]
+    bases = [relayout(torch.randn(s, generator=g)) for s in shapes]
     acc = [relayout(torch.randn(s, generator=g)) for s in shapes]
     want = [a.contiguous() for a in acc]
-    ops().accumulate_hessian_(want, [h.contiguous() for h in hzs], keys)
+    ops().accumulate_hessian_(want, [h.contiguous() for h in hzs], [b.contiguous() for b in bases], keys, INV_STEP)
     out = [relayout(torch.empty(s)) for s in shapes]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        ops().accumulate_hessian_(acc, hzs, keys)
+        ops().accumulate_hessian_(acc, hzs, bases, keys, INV_STEP)
         ops().rademacher_(out, keys)
     assert not {e.name for e in prof.events()} & {"aten::copy_", "aten::clone", "aten::contiguous"}
     assert all(torch.equal(a, w) for a, w in zip(acc, want))

@@ -23,7 +23,8 @@ within these bounds of the exact one:
   p' = p (1 - lr wd) + delta         dp = u |p'| + 2u |p (1 - lr wd)| + ddelta
 
 D is the same tensor in both paths (z from the pinned sampler and Hz from the same
-autograd call; the sum over samples, / n_samples and the power-of-two unscaling
+autograd call, or from a finite difference the same two gradients differenced and
+scaled by 1/eps in c, one rounding each, in that order on both paths; the sum over samples, / n_samples and the power-of-two unscaling
 (GradScaler's scale, the HVP's own factor) are the same correctly rounded operations in the same order, and
 test_*accumulate*/test_rademacher* check that bitwise), except for conv-kernel
 averaging: a mean of k = kh*kw non-negative |D| in an order each implementation

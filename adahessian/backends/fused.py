@@ -16,9 +16,10 @@ def sample_rademacher(like: list[Tensor], keys: list[int]) -> list[Tensor]:
     return out
 
 
-def accumulate_hessian_(acc: list[Tensor], zs: list[Tensor], hzs: list[Tensor], keys: list[int]) -> None:
+def accumulate_hessian_(acc: list[Tensor], zs: list[Tensor], hzs: list[Tensor], keys: list[int],
+                        bases: list[Tensor] | None, inv_step: float) -> None:
     # z is regenerated from its sampler key rather than read (one stream less).
-    kernels(acc).accumulate_hessian_(acc, hzs, keys)
+    kernels(acc).accumulate_hessian_(acc, hzs, bases or [], keys, inv_step)
 
 
 def step_(
@@ -29,6 +30,8 @@ def step_(
     kernels(params).fused_step_(
         params, grads, exp_avgs, exp_hessian_diag_sqs, hessians if hessians and hessians[0] is not None else [],
         hzs=[] if estimate is None else estimate.hzs,
+        bases=[] if estimate is None or estimate.bases is None else estimate.bases,
+        inv_step=1.0 if estimate is None else estimate.inv_step,
         partial_sums=[] if estimate is None or estimate.partial_sums is None else estimate.partial_sums,
         keys=[] if estimate is None else estimate.keys, steps=state_steps, n_samples=n_samples, lr=lr,
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,

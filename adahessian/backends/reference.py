@@ -15,9 +15,19 @@ def sample_rademacher(like: list[Tensor], keys: list[int]) -> list[Tensor]:
     return [sampler.rademacher(t.shape, k, dtype=t.dtype, device=t.device) for t, k in zip(like, keys)]
 
 
-def accumulate_hessian_(acc: list[Tensor], zs: list[Tensor], hzs: list[Tensor], keys: list[int]) -> None:
-    for a, z, hz in zip(acc, zs, hzs):
-        a.add_(z.to(a.dtype) * hz.to(a.dtype))
+def accumulate_hessian_(acc: list[Tensor], zs: list[Tensor], hzs: list[Tensor], keys: list[int],
+                        bases: list[Tensor] | None, inv_step: float) -> None:
+    for i, (a, z) in enumerate(zip(acc, zs)):
+        a.add_(z.to(a.dtype) * hessian_vector_product(hzs, bases, inv_step, i, a.dtype))
+
+
+def hessian_vector_product(hzs: list[Tensor], bases: list[Tensor] | None, inv_step: float, i: int,
+                           dtype: torch.dtype) -> Tensor:
+    """Hz of tensor ``i`` in ``dtype``: ``hzs[i]``, or the finite difference
+    ``(hzs[i] - bases[i]) * inv_step`` (docs/algorithm.md, section 1, step 1)."""
+    if bases is None:
+        return hzs[i].to(dtype)
+    return (hzs[i].to(dtype) - bases[i].to(dtype)) * inv_step
 
 
 def step_(
@@ -32,7 +42,8 @@ def step_(
 
         # 1. D: this step's Hutchinson estimate, or the one kept from the last Hessian step.
         if estimate is not None:
-            hess = estimate.zs[i].to(dtype) * estimate.hzs[i].to(dtype)
+            hz = hessian_vector_product(estimate.hzs, estimate.bases, estimate.inv_step, i, dtype)
+            hess = estimate.zs[i].to(dtype) * hz
             if estimate.partial_sums is not None:
                 hess = estimate.partial_sums[i] + hess
             if n_samples > 1:

@@ -94,19 +94,32 @@ const opmath_t* as_opmath(const scalar_t* src, opmath_t* scratch, int64_t n) {
   }
 }
 
+// The Hz operands of one tile: Hz itself, or with a base the finite difference
+// difference_quotient(hz, base, inv_step).
+template <typename scalar_t>
+struct HzTile {
+  const scalar_t* hz;
+  const scalar_t* base;  // null: hz is Hz
+  at::opmath_type<scalar_t> inv_step;
+};
+
 // out = hessian_estimate(z, Hz, partial_sum or 0, n_samples) over the tile of
-// n elements at memory offset `start`; z is generated into z_scratch, which may be out.
+// n elements at memory offset `start`; z is generated into z_scratch, which may be out;
+// hz_scratch and base_scratch hold converted low-precision operands.
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
-void estimate_tile(uint32_t key, const MemoryOrder& order, int64_t start, int64_t n, const scalar_t* hz,
+void estimate_tile(uint32_t key, const MemoryOrder& order, int64_t start, int64_t n, const HzTile<scalar_t>& hz,
                    const opmath_t* partial_sum, opmath_t n_samples, opmath_t* z_scratch, opmath_t* hz_scratch,
-                   opmath_t* out) {
+                   opmath_t* base_scratch, opmath_t* out) {
   using Vec = Vectorized<opmath_t>;
   rademacher_fill(z_scratch, key, start, n, order);
-  const opmath_t* h = as_opmath(hz, hz_scratch, n);
-  const Vec samples(n_samples), zero(0);
+  const opmath_t* h = as_opmath(hz.hz, hz_scratch, n);
+  const opmath_t* b = hz.base ? as_opmath(hz.base, base_scratch, n) : nullptr;
+  const Vec samples(n_samples), zero(0), inv_step(hz.inv_step);
   for_each_vector<Vec>(n, [&](int64_t k, int64_t m) {
     const Vec sum = partial_sum ? Vec::loadu(partial_sum + k, m) : zero;
-    hessian_estimate(Vec::loadu(z_scratch + k, m), Vec::loadu(h + k, m), sum, samples).store(out + k, m);
+    Vec hzv = Vec::loadu(h + k, m);
+    if (b) hzv = difference_quotient(hzv, Vec::loadu(b + k, m), inv_step);
+    hessian_estimate(Vec::loadu(z_scratch + k, m), hzv, sum, samples).store(out + k, m);
   });
 }
 
@@ -140,31 +153,38 @@ void rademacher_cpu(at::TensorList out, at::IntArrayRef keys) {
 // -------------------------------------------------------------- accumulate_hessian_
 
 template <typename scalar_t>
-void accumulate_chunk(const Tensor& acc, const Tensor& hz, uint32_t key, const MemoryOrder& order, int64_t begin,
-                      int64_t end) {
+void accumulate_chunk(const Tensor& acc, const Tensor& hz, const Tensor& base, double inv_step, uint32_t key,
+                      const MemoryOrder& order, int64_t begin, int64_t end) {
   using opmath_t = at::opmath_type<scalar_t>;
-  opmath_t z[kTile], hz_scratch[kTile];
+  opmath_t z[kTile], hz_scratch[kTile], base_scratch[kTile];
   for (int64_t start = begin; start < end; start += kTile) {
     opmath_t* a = acc.data_ptr<opmath_t>() + start;
+    const HzTile<scalar_t> tile{hz.const_data_ptr<scalar_t>() + start,
+                                base.defined() ? base.const_data_ptr<scalar_t>() + start : nullptr,
+                                static_cast<opmath_t>(inv_step)};
     // acc + z * Hz, in the reference's order: the estimate with n_samples = 1.
-    estimate_tile(key, order, start, std::min(kTile, end - start), hz.const_data_ptr<scalar_t>() + start, a,
-                  opmath_t(1), z, hz_scratch, a);
+    estimate_tile(key, order, start, std::min(kTile, end - start), tile, a, opmath_t(1), z, hz_scratch, base_scratch,
+                  a);
   }
 }
 
-void accumulate_hessian_cpu(at::TensorList partial_sums, at::TensorList hzs, at::IntArrayRef keys) {
+void accumulate_hessian_cpu(at::TensorList partial_sums, at::TensorList hzs, at::TensorList bases,
+                            at::IntArrayRef keys, double inv_step) {
   check_one_per_key("accumulate_hessian_", keys, {partial_sums, hzs});
+  check_bases(bases, hzs);
   ContiguousViews views;
-  std::vector<Tensor> acc, hz;
+  std::vector<Tensor> acc, hz, base;
   std::vector<MemoryOrder> orders;
   std::vector<uint32_t> key;
   std::vector<int64_t> numel;
   for (size_t i = 0; i < hzs.size(); ++i) {
     TORCH_CHECK(hzs[i].device().is_cpu(), "adahessian::accumulate_hessian_: hzs must be CPU tensors");
     check_like(partial_sums[i], hzs[i], at::toOpMathType(hzs[i].scalar_type()), "partial_sums");
-    const auto order = in_place_order({partial_sums[i], hzs[i]});
+    if (!bases.empty()) check_like(bases[i], hzs[i], hzs[i].scalar_type(), "bases");
+    const auto order = in_place_order({partial_sums[i], hzs[i], bases.empty() ? Tensor() : bases[i]});
     acc.push_back(views.write(partial_sums[i], order));
     hz.push_back(views.read(hzs[i], order));
+    base.push_back(bases.empty() ? Tensor() : views.read(bases[i], order));
     orders.push_back(order.value_or(MemoryOrder{}));
     key.push_back(checked_key(keys[i]));
     numel.push_back(hzs[i].numel());
@@ -172,7 +192,8 @@ void accumulate_hessian_cpu(at::TensorList partial_sums, at::TensorList hzs, at:
   const auto items = work_items(numel, std::vector<int64_t>(hzs.size(), 1));
   parallel_over(items, [&](const WorkItem& w) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hz[w.tensor].scalar_type(), "accumulate_hessian_", [&] {
-      accumulate_chunk<scalar_t>(acc[w.tensor], hz[w.tensor], key[w.tensor], orders[w.tensor], w.begin, w.end);
+      accumulate_chunk<scalar_t>(acc[w.tensor], hz[w.tensor], base[w.tensor], inv_step, key[w.tensor],
+                                 orders[w.tensor], w.begin, w.end);
     });
   });
   views.finish();
@@ -185,6 +206,7 @@ struct StepTensor {
   Tensor param, grad, exp_avg, exp_hessian_diag_sq;
   Tensor hessian;      // D kept for later steps; undefined when not kept
   Tensor hz;           // undefined on steps that reuse the kept D
+  Tensor base;         // defined when Hz is the finite difference (hz - base) * inv_step
   Tensor partial_sum;  // undefined when n_samples == 1
   uint32_t key = 0;
   MemoryOrder order;  // the tensors' common order: element offsets are memory offsets
@@ -193,7 +215,7 @@ struct StepTensor {
 };
 
 template <typename scalar_t, Power power>
-void step_chunk(const StepTensor& t, double n_samples, int64_t begin, int64_t end) {
+void step_chunk(const StepTensor& t, double n_samples, double inv_step, int64_t begin, int64_t end) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<opmath_t>;
   const auto c = rounded<opmath_t, Vec>(t.coefficients);
@@ -201,10 +223,11 @@ void step_chunk(const StepTensor& t, double n_samples, int64_t begin, int64_t en
 
   // Tiles hold whole averaging groups; a group larger than kTile makes the tile larger.
   const int64_t tile = std::max<int64_t>(1, kTile / group) * group;
-  std::unique_ptr<opmath_t[]> scratch(new opmath_t[4 * tile]);  // uninitialised: written before read
+  std::unique_ptr<opmath_t[]> scratch(new opmath_t[5 * tile]);  // uninitialised: written before read
   opmath_t* d_tile = scratch.get();  // z, then D
   opmath_t* hz_scratch = d_tile + tile;
-  opmath_t* param_scratch = hz_scratch + tile;
+  opmath_t* base_scratch = hz_scratch + tile;
+  opmath_t* param_scratch = base_scratch + tile;
   opmath_t* grad_scratch = param_scratch + tile;
 
   scalar_t* param = t.param.data_ptr<scalar_t>();
@@ -213,6 +236,7 @@ void step_chunk(const StepTensor& t, double n_samples, int64_t begin, int64_t en
   opmath_t* exp_hessian_diag_sq = t.exp_hessian_diag_sq.data_ptr<opmath_t>();
   opmath_t* hessian = t.hessian.defined() ? t.hessian.data_ptr<opmath_t>() : nullptr;
   const scalar_t* hz = t.hz.defined() ? t.hz.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* base = t.base.defined() ? t.base.const_data_ptr<scalar_t>() : nullptr;
   const opmath_t* partial_sum = t.partial_sum.defined() ? t.partial_sum.const_data_ptr<opmath_t>() : nullptr;
 
   for (int64_t start = begin; start < end; start += tile) {
@@ -221,8 +245,9 @@ void step_chunk(const StepTensor& t, double n_samples, int64_t begin, int64_t en
     // 1. D: this step's estimate, or the kept one.
     const opmath_t* d = hessian ? hessian + start : nullptr;
     if (hz) {
-      estimate_tile(t.key, t.order, start, n, hz + start, partial_sum ? partial_sum + start : nullptr,
-                    opmath_t(n_samples), d_tile, hz_scratch, d_tile);
+      const HzTile<scalar_t> tile_hz{hz + start, base ? base + start : nullptr, static_cast<opmath_t>(inv_step)};
+      estimate_tile(t.key, t.order, start, n, tile_hz, partial_sum ? partial_sum + start : nullptr,
+                    opmath_t(n_samples), d_tile, hz_scratch, base_scratch, d_tile);
       d = d_tile;
     }
     // 2. Conv-kernel averaging: each group's mean of |D|.
@@ -260,10 +285,10 @@ void step_chunk(const StepTensor& t, double n_samples, int64_t begin, int64_t en
 
 void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
-                    at::TensorList partial_sums, at::IntArrayRef keys, at::IntArrayRef steps, double lr,
-                    double beta1, double beta2, double eps, double weight_decay, double hessian_power,
-                    int64_t n_samples, bool average_conv_kernel) {
-  check_step_arguments(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, partial_sums, keys, steps,
+                    at::TensorList bases, at::TensorList partial_sums, at::IntArrayRef keys, at::IntArrayRef steps,
+                    double lr, double beta1, double beta2, double eps, double weight_decay, double hessian_power,
+                    int64_t n_samples, double inv_step, bool average_conv_kernel) {
+  check_step_arguments(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums, keys, steps,
                        n_samples);
   const size_t count = params.size();
   const bool hessian_step = !hzs.empty();
@@ -275,11 +300,11 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   for (size_t i = 0; i < count; ++i) {
     const Tensor& p = params[i];
     TORCH_CHECK(p.device().is_cpu(), "adahessian::fused_step_: params must be CPU tensors");
-    check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, partial_sums);
+    check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums);
     StepTensor t;
     t.averaging = averaging_of(p, average_conv_kernel);
     const auto order = in_place_order(step_tensors_of(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs,
-                                                      partial_sums),
+                                                      bases, partial_sums),
                                       t.averaging.group);
     t.order = order.value_or(MemoryOrder{});
     t.param = views.write(p, order);
@@ -291,6 +316,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     }
     if (hessian_step) {
       t.hz = views.read(hzs[i], order);
+      if (!bases.empty()) t.base = views.read(bases[i], order);
       t.key = checked_key(keys[i]);
       if (!partial_sums.empty()) t.partial_sum = views.read(partial_sums[i], order);
     }
@@ -304,7 +330,9 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   parallel_over(items, [&](const WorkItem& w) {
     const StepTensor& t = tensors[w.tensor];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.param.scalar_type(), "fused_step_", [&] {
-      dispatch_power(power, [&](auto p) { step_chunk<scalar_t, decltype(p)::value>(t, n_samples, w.begin, w.end); });
+      dispatch_power(power, [&](auto p) {
+        step_chunk<scalar_t, decltype(p)::value>(t, n_samples, inv_step, w.begin, w.end);
+      });
     });
   });
   views.finish();

@@ -205,26 +205,32 @@ template <typename scalar_t>
 struct AccumulateMeta {
   at::opmath_type<scalar_t>* partial_sum;
   const scalar_t* hz;
+  const scalar_t* base;  // null: hz is Hz, else Hz = difference_quotient(hz, base, inv_step)
   uint32_t key;
   MemoryOrder order;
 };
 
 template <typename scalar_t>
-__global__ void accumulate_kernel(const AccumulateMeta<scalar_t>* metas, const Chunk* chunks) {
+__global__ void accumulate_kernel(const AccumulateMeta<scalar_t>* metas, const Chunk* chunks,
+                                  at::opmath_type<scalar_t> inv_step) {
   using opmath_t = at::opmath_type<scalar_t>;
   const Chunk ch = chunks[blockIdx.x];
   const AccumulateMeta<scalar_t> t = metas[ch.tensor];
   each_thread([&](int64_t thread) {
     for (int64_t i = ch.begin + thread; i < ch.end; i += blockDim.x) {
       const opmath_t z = rademacher_at<opmath_t>(t.key, t.order, i);
-      t.partial_sum[i] = hessian_estimate<opmath_t>(z, t.hz[i], t.partial_sum[i], 1);
+      const opmath_t hz = t.base ? difference_quotient<opmath_t>(t.hz[i], t.base[i], inv_step)
+                                 : static_cast<opmath_t>(t.hz[i]);
+      t.partial_sum[i] = hessian_estimate<opmath_t>(z, hz, t.partial_sum[i], 1);
     }
   });
 }
 
 template <typename Runtime>
-void accumulate_hessian(at::TensorList partial_sums, at::TensorList hzs, at::IntArrayRef keys) {
+void accumulate_hessian(at::TensorList partial_sums, at::TensorList hzs, at::TensorList bases, at::IntArrayRef keys,
+                        double inv_step) {
   check_one_per_key("accumulate_hessian_", keys, {partial_sums, hzs});
+  check_bases(bases, hzs);
   for_each_dtype<Runtime>(hzs, "hzs", [&](at::ScalarType dtype, const std::vector<size_t>& indices,
                                            ContiguousViews& views, const at::Device& device) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "accumulate_hessian_", [&] {
@@ -232,14 +238,17 @@ void accumulate_hessian(at::TensorList partial_sums, at::TensorList hzs, at::Int
       std::vector<int64_t> numel;
       for (const size_t i : indices) {
         check_like(partial_sums[i], hzs[i], at::toOpMathType(dtype), "partial_sums");
-        const auto order = in_place_order({partial_sums[i], hzs[i]});
+        if (!bases.empty()) check_like(bases[i], hzs[i], dtype, "bases");
+        const auto order = in_place_order({partial_sums[i], hzs[i], bases.empty() ? Tensor() : bases[i]});
         metas.push_back({views.write(partial_sums[i], order).data_ptr<at::opmath_type<scalar_t>>(),
-                         views.read(hzs[i], order).const_data_ptr<scalar_t>(), checked_key(keys[i]),
-                         order.value_or(MemoryOrder{})});
+                         views.read(hzs[i], order).const_data_ptr<scalar_t>(),
+                         bases.empty() ? nullptr : views.read(bases[i], order).const_data_ptr<scalar_t>(),
+                         checked_key(keys[i]), order.value_or(MemoryOrder{})});
         numel.push_back(hzs[i].numel());
       }
-      launch_over_chunks<Runtime>(metas, numel, std::vector<int64_t>(numel.size(), 1), device, [](const auto& table) {
-        Runtime::launch(accumulate_kernel<scalar_t>, table.num_chunks, table.metas, table.chunks);
+      const auto inv = static_cast<at::opmath_type<scalar_t>>(inv_step);
+      launch_over_chunks<Runtime>(metas, numel, std::vector<int64_t>(numel.size(), 1), device, [&](const auto& table) {
+        Runtime::launch(accumulate_kernel<scalar_t>, table.num_chunks, table.metas, table.chunks, inv);
       });
     });
   });
@@ -256,6 +265,7 @@ struct StepMeta {
   opmath_t* exp_hessian_diag_sq;
   opmath_t* hessian;            // D kept for later steps, or null
   const scalar_t* hz;           // null on steps that reuse the kept D
+  const scalar_t* base;         // null: hz is Hz, else Hz = difference_quotient(hz, base, inv_step)
   const opmath_t* partial_sum;  // null when n_samples == 1
   uint32_t key;
   MemoryOrder order;            // the tensors' common order: element offsets are memory offsets
@@ -268,15 +278,23 @@ struct StepMeta {
 template <typename opmath_t>
 struct StepScalars {
   opmath_t n_samples;
+  opmath_t inv_step;  // of a finite difference (1 without bases)
 };
+
+// Hz from the operands read at one element.
+template <typename scalar_t, typename opmath_t>
+__device__ inline opmath_t hz_of(const StepMeta<scalar_t>& t, scalar_t hz, scalar_t base,
+                                 const StepScalars<opmath_t>& s) {
+  return t.base ? difference_quotient<opmath_t>(hz, base, s.inv_step) : static_cast<opmath_t>(hz);
+}
 
 // D at element i: this step's estimate, or the kept one.
 template <typename scalar_t, typename opmath_t>
-__device__ inline opmath_t estimate_at(const StepMeta<scalar_t>& t, int64_t i, opmath_t n_samples) {
+__device__ inline opmath_t estimate_at(const StepMeta<scalar_t>& t, int64_t i, const StepScalars<opmath_t>& s) {
   if (t.hz == nullptr) return t.hessian[i];
   const opmath_t z = rademacher_at<opmath_t>(t.key, t.order, i);
   const opmath_t sum = t.partial_sum ? t.partial_sum[i] : opmath_t(0);
-  return hessian_estimate<opmath_t>(z, static_cast<opmath_t>(t.hz[i]), sum, n_samples);
+  return hessian_estimate<opmath_t>(z, hz_of(t, t.hz[i], t.base ? t.base[i] : scalar_t(0), s), sum, s.n_samples);
 }
 
 template <Power power, typename scalar_t, typename opmath_t>
@@ -297,7 +315,7 @@ __device__ inline opmath_t averaged_alone(const StepMeta<scalar_t>& t, opmath_t 
 
 // kPack consecutive elements with packed (16-byte for float32) loads and stores.
 template <Power power, typename scalar_t, typename opmath_t>
-__device__ inline void update_pack(const StepMeta<scalar_t>& t, int64_t i, opmath_t n_samples,
+__device__ inline void update_pack(const StepMeta<scalar_t>& t, int64_t i, const StepScalars<opmath_t>& scalars,
                                    const StepCoefficients<opmath_t>& c) {
   scalar_t p[kPack], g[kPack];
   opmath_t m[kPack], v[kPack], d[kPack];
@@ -306,14 +324,15 @@ __device__ inline void update_pack(const StepMeta<scalar_t>& t, int64_t i, opmat
   load(m, t.exp_avg + i);
   load(v, t.exp_hessian_diag_sq + i);
   if (t.hz != nullptr) {
-    scalar_t h[kPack];
+    scalar_t h[kPack], b[kPack] = {};
     opmath_t s[kPack] = {};
     load(h, t.hz + i);
+    if (t.base) load(b, t.base + i);
     if (t.partial_sum) load(s, t.partial_sum + i);
 #pragma unroll
     for (int k = 0; k < kPack; ++k) {
       const opmath_t z = rademacher_at<opmath_t>(t.key, t.order, i + k);
-      d[k] = averaged_alone(t, hessian_estimate<opmath_t>(z, static_cast<opmath_t>(h[k]), s[k], n_samples));
+      d[k] = averaged_alone(t, hessian_estimate<opmath_t>(z, hz_of(t, h[k], b[k], scalars), s[k], scalars.n_samples));
     }
     if (t.hessian) store(t.hessian + i, d);
   } else {
@@ -342,8 +361,8 @@ __device__ inline void update_pack(const StepMeta<scalar_t>& t, int64_t i, opmat
 constexpr int64_t kGroupTile = 2048;  // a multiple of kSegment
 
 template <Power power, typename scalar_t, typename opmath_t>
-__device__ inline void averaged_chunk(const StepMeta<scalar_t>& t, const Chunk& ch, opmath_t n_samples,
-                                      const StepCoefficients<opmath_t>& c) {
+__device__ inline void averaged_chunk(const StepMeta<scalar_t>& t, const Chunk& ch,
+                                      const StepScalars<opmath_t>& scalars, const StepCoefficients<opmath_t>& c) {
   __shared__ opmath_t abs_d[kGroupTile];
   __shared__ opmath_t sums[kGroupTile / 2];  // segment sums; then each group's mean at its first
   const int64_t group = t.averaging.group;
@@ -352,7 +371,7 @@ __device__ inline void averaged_chunk(const StepMeta<scalar_t>& t, const Chunk& 
   // (segments restart at every group start, so `per_group` elements per group).
   const auto segment_sums = [&](int64_t first, int64_t n, int64_t per_group) {
     each_thread([&](int64_t thread) {
-      for (int64_t j = thread; j < n; j += blockDim.x) abs_d[j] = std::abs(estimate_at(t, first + j, n_samples));
+      for (int64_t j = thread; j < n; j += blockDim.x) abs_d[j] = std::abs(estimate_at(t, first + j, scalars));
     });
     block_barrier();
     const int64_t per_group_segments = segments_of(per_group);
@@ -423,19 +442,19 @@ __global__ void fused_step_kernel(const StepMeta<scalar_t>* metas, const Chunk* 
   const StepCoefficients<opmath_t> c = t.coefficients;
 
   if (t.averaging.average && t.averaging.group > 1) {
-    averaged_chunk<power>(t, ch, scalars.n_samples, c);
+    averaged_chunk<power>(t, ch, scalars, c);
     return;
   }
   each_thread([&](int64_t thread) {
     int64_t i = ch.begin;
     if (t.vectorised) {  // chunk starts are multiples of kPack: every pack is aligned
       for (i = ch.begin + thread * kPack; i + kPack <= ch.end; i += int64_t(blockDim.x) * kPack) {
-        update_pack<power>(t, i, scalars.n_samples, c);
+        update_pack<power>(t, i, scalars, c);
       }
       i = ch.begin + (ch.end - ch.begin) / kPack * kPack;  // the tail of the tensor's last chunk
     }
     for (i += thread; i < ch.end; i += blockDim.x) {
-      update_at<power>(t, i, averaged_alone(t, estimate_at(t, i, scalars.n_samples)), c);
+      update_at<power>(t, i, averaged_alone(t, estimate_at(t, i, scalars)), c);
     }
   });
 }
@@ -443,10 +462,10 @@ __global__ void fused_step_kernel(const StepMeta<scalar_t>* metas, const Chunk* 
 template <typename Runtime>
 void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                 at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
-                at::TensorList partial_sums, at::IntArrayRef keys, at::IntArrayRef steps, double lr, double beta1,
-                double beta2, double eps, double weight_decay, double hessian_power, int64_t n_samples,
-                bool average_conv_kernel) {
-  check_step_arguments(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, partial_sums, keys, steps,
+                at::TensorList bases, at::TensorList partial_sums, at::IntArrayRef keys, at::IntArrayRef steps,
+                double lr, double beta1, double beta2, double eps, double weight_decay, double hessian_power,
+                int64_t n_samples, double inv_step, bool average_conv_kernel) {
+  check_step_arguments(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums, keys, steps,
                        n_samples);
   if (params.empty()) return;
   const bool hessian_step = !hzs.empty();
@@ -459,11 +478,11 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
       std::vector<int64_t> numel, group;
       for (const size_t i : indices) {
         const Tensor& p = params[i];
-        check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, partial_sums);
+        check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums);
         StepMeta<scalar_t> t{};
         t.averaging = averaging_of(p, average_conv_kernel);
         const auto order = in_place_order(
-            step_tensors_of(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, partial_sums),
+            step_tensors_of(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums),
             t.averaging.group);
         t.order = order.value_or(MemoryOrder{});
         t.param = views.write(p, order).data_ptr<scalar_t>();
@@ -477,19 +496,21 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
         }
         if (hessian_step) {
           t.hz = views.read(hzs[i], order).const_data_ptr<scalar_t>();
+          if (!bases.empty()) t.base = views.read(bases[i], order).const_data_ptr<scalar_t>();
           t.key = checked_key(keys[i]);
           if (!partial_sums.empty()) t.partial_sum = views.read(partial_sums[i], order).const_data_ptr<opmath_t>();
         }
         t.vectorised = pack_aligned(t.param) && pack_aligned(t.grad) && pack_aligned(t.exp_avg) &&
                        pack_aligned(t.exp_hessian_diag_sq) && (!t.hessian || pack_aligned(t.hessian)) &&
-                       (!t.hz || pack_aligned(t.hz)) && (!t.partial_sum || pack_aligned(t.partial_sum));
+                       (!t.hz || pack_aligned(t.hz)) && (!t.base || pack_aligned(t.base)) &&
+                       (!t.partial_sum || pack_aligned(t.partial_sum));
         t.coefficients = rounded<opmath_t>(
             step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power));
         metas.push_back(t);
         numel.push_back(p.numel());
         group.push_back(t.averaging.group);
       }
-      const StepScalars<opmath_t> scalars{static_cast<opmath_t>(n_samples)};
+      const StepScalars<opmath_t> scalars{static_cast<opmath_t>(n_samples), static_cast<opmath_t>(inv_step)};
       launch_over_chunks<Runtime>(metas, numel, group, device, [&](const auto& table) {
         dispatch_power(power, [&](auto p) {
           Runtime::launch(fused_step_kernel<decltype(p)::value, scalar_t>, table.num_chunks, table.metas,

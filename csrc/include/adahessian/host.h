@@ -196,11 +196,17 @@ inline void check_one_per_key(const char* op, at::IntArrayRef keys, std::initial
     TORCH_CHECK(list.size() == keys.size(), "adahessian::", op, ": ", list.size(), " tensors, ", keys.size(), " keys");
 }
 
+// The bases of accumulate_hessian_: none (hzs are Hz), or one per Hz.
+inline void check_bases(at::TensorList bases, at::TensorList hzs) {
+  TORCH_CHECK(bases.empty() || bases.size() == hzs.size(), "adahessian::accumulate_hessian_: ", bases.size(),
+              " bases for ", hzs.size(), " hzs (none, or one per hz)");
+}
+
 // The list lengths of fused_step_.
 inline void check_step_arguments(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                  at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
-                                 at::TensorList partial_sums, at::IntArrayRef keys, at::IntArrayRef steps,
-                                 int64_t n_samples) {
+                                 at::TensorList bases, at::TensorList partial_sums, at::IntArrayRef keys,
+                                 at::IntArrayRef steps, int64_t n_samples) {
   const size_t count = params.size();
   const bool hessian_step = !hzs.empty();
   TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_hessian_diag_sqs.size() == count &&
@@ -213,6 +219,9 @@ inline void check_step_arguments(at::TensorList params, at::TensorList grads, at
               "adahessian::fused_step_: a step without hzs reads D from hessians, which is empty");
   TORCH_CHECK(!hessian_step || (hzs.size() == count && keys.size() == count),
               "adahessian::fused_step_: a Hessian step needs one hz and one key per parameter");
+  TORCH_CHECK(bases.empty() || (hessian_step && bases.size() == count),
+              "adahessian::fused_step_: bases are one per parameter on Hessian steps whose Hz is a finite "
+              "difference, else empty");
   TORCH_CHECK(hessian_step && n_samples > 1 ? partial_sums.size() == count : partial_sums.empty(),
               "adahessian::fused_step_: partial_sums are one per parameter on Hessian steps with n_samples > 1, "
               "else empty");
@@ -221,16 +230,17 @@ inline void check_step_arguments(at::TensorList params, at::TensorList grads, at
 // Parameter i's tensors, for in_place_order (undefined where a list is empty).
 inline std::vector<at::Tensor> step_tensors_of(size_t i, at::TensorList params, at::TensorList grads,
                                                at::TensorList exp_avgs, at::TensorList exp_hessian_diag_sqs,
-                                               at::TensorList hessians, at::TensorList hzs,
+                                               at::TensorList hessians, at::TensorList hzs, at::TensorList bases,
                                                at::TensorList partial_sums) {
   const auto at_i = [&](at::TensorList list) { return list.empty() ? at::Tensor() : list[i]; };
-  return {params[i], grads[i], exp_avgs[i], exp_hessian_diag_sqs[i], at_i(hessians), at_i(hzs), at_i(partial_sums)};
+  return {params[i], grads[i], exp_avgs[i], exp_hessian_diag_sqs[i], at_i(hessians), at_i(hzs), at_i(bases),
+          at_i(partial_sums)};
 }
 
 // Device, shape and dtype of parameter i's tensors.
 inline void check_step_tensors(size_t i, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
-                               at::TensorList partial_sums) {
+                               at::TensorList bases, at::TensorList partial_sums) {
   const at::Tensor& p = params[i];
   const at::ScalarType state = at::toOpMathType(p.scalar_type());
   check_like(grads[i], p, p.scalar_type(), "grads");
@@ -238,6 +248,7 @@ inline void check_step_tensors(size_t i, at::TensorList params, at::TensorList g
   check_like(exp_hessian_diag_sqs[i], p, state, "exp_hessian_diag_sqs");
   if (!hessians.empty()) check_like(hessians[i], p, state, "hessians");
   if (!hzs.empty()) check_like(hzs[i], p, p.scalar_type(), "hzs");
+  if (!bases.empty()) check_like(bases[i], p, p.scalar_type(), "bases");
   if (!partial_sums.empty()) check_like(partial_sums[i], p, state, "partial_sums");
 }
 

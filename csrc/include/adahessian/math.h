@@ -35,6 +35,15 @@ C10_HOST_DEVICE inline T rademacher_sign(uint32_t base, uint64_t index) {
   return (fmix32(static_cast<uint32_t>(index) * kGolden + base) & 1u) ? T(-1) : T(1);
 }
 
+// Hz of a finite difference (README, "Without double backward"): the gradient at
+// theta + eps z minus `base` (the gradient at theta, or at theta - eps z), times
+// inv_step (1 / eps, or 1 / (2 eps)), in the reference path's order. Kernels apply it
+// only where a base is given: without one they read Hz itself.
+template <typename T>
+C10_HOST_DEVICE inline T difference_quotient(T plus, T base, T inv_step) {
+  return (plus - base) * inv_step;
+}
+
 // D of the last Hutchinson sample, in the reference path's order of operations:
 // (sum of z * Hz over the earlier samples + z * Hz) / n_samples. Kernels pass
 // identities (0, 1) for absent terms: they change no bits.
