@@ -64,7 +64,8 @@ def estimate(
     backend_for: Callable[[torch.device], str],
 ) -> Any:
     """Evaluate ``closure`` at theta and, per sample, at the perturbed points; add the
-    differences' Hessian-vector products to ``acc`` (``params``: the optimizer's
+    differences' Hessian-vector products to ``acc`` as the gradients and ``1 / eps`` (or
+    ``1 / (2 eps)``), which the kernels difference and scale (``params``: the optimizer's
     trainable parameters; ``indices``: their flat positions). Returns the closure's
     loss at theta; ``p.grad`` is the gradient there. RuntimeError when the closure
     leaves no gradient."""
@@ -96,9 +97,13 @@ def estimate(
                 low = _gradient_at(closure, params, theta, zs, -eps, rng)
             else:
                 low = base
-            hzs = torch._foreach_sub(plus, low)
-            torch._foreach_div_(hzs, 2 * eps if central else eps)
-            hutchinson.add_sample_(acc, s, params, indices, keys, zs, hzs, backend_for=backend_for)
+            if s == acc.n_samples - 1:
+                # Kept until the step; the end of this call writes g(theta) back into the
+                # first evaluation's gradient memory, where DDP's bucket views put later ones.
+                plus, low = _unaliased(plus, grads), _unaliased(low, grads)
+            # Hz = (plus - low) / step, formed by the backend's ops (the fused kernels: as they read both).
+            hutchinson.add_sample_(acc, s, params, indices, keys, zs, plus, bases=low,
+                                   inv_step=1.0 / (2 * eps if central else eps), backend_for=backend_for)
     finally:
         with torch.no_grad():
             torch._foreach_copy_(params, theta)
@@ -107,6 +112,12 @@ def estimate(
             g.copy_(b)
             p.grad = g
     return loss
+
+
+def _unaliased(tensors: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    """``tensors``, each cloned where it shares memory with one of ``grads``."""
+    held = {g.untyped_storage().data_ptr() for g in grads}
+    return [t.clone() if t.untyped_storage().data_ptr() in held else t for t in tensors]
 
 
 def _gradient_at(closure, params, theta, zs, step, rng) -> list[Tensor]:

@@ -275,6 +275,16 @@ TRAJECTORIES = {
     "transformer": dict(cls=Transformer, options=dict(lr=0.01, update_each=2, weight_decay=0.01)),
 }
 STEPS = 24
+# hvp by finite differences (their steps take a closure): compared per step only, since a
+# difference divides the gradients' round-off by eps, which would dominate a trajectory.
+FINITE_DIFFERENCE = {
+    "mlp-finite-difference": dict(cls=MLP, options=dict(lr=0.05, hvp="finite_difference", update_each=2,
+                                                        weight_decay=0.01)),
+    "cnn-central-difference-avg-channels-last": dict(
+        cls=CNN, options=dict(lr=0.02, hvp="central_difference", n_samples=2, average_conv_kernel=True),
+        channels_last=True,
+    ),
+}
 
 
 def _low_precision(cls):
@@ -285,15 +295,18 @@ def _low_precision(cls):
 
 # Low-precision parameters, per step from identical state.
 LOW_PRECISION_CASES = {"mlp-low-precision": _low_precision(MLP), "cnn": _low_precision(CNN),
-                       "transformer": _low_precision(Transformer)}
+                       "transformer": _low_precision(Transformer),
+                       "mlp-central-difference-low-precision": _low_precision(MLP)}
+LOW_PRECISION_CASES["mlp-central-difference-low-precision"]["options"].update(hvp="central_difference", n_samples=2)
 # Per step: float32 for every trajectory case, the MLP in bfloat16 and float16; the CUDA
 # kernels also take the CNN and the Transformer in the low-precision dtypes.
-PER_STEP = [(n, torch.float32) for n in TRAJECTORIES] + [("mlp-low-precision", d) for d in LOW_PRECISION]
+PER_STEP = ([(n, torch.float32) for n in {**TRAJECTORIES, **FINITE_DIFFERENCE}]
+            + [(n, d) for n in ("mlp-low-precision", "mlp-central-difference-low-precision") for d in LOW_PRECISION])
 PER_STEP_CUDA = PER_STEP + [(n, d) for n in ("cnn", "transformer") for d in LOW_PRECISION]
 
 
 def per_step_case(name, dtype):
-    return LOW_PRECISION_CASES[name] if dtype in LOW_PRECISION else TRAJECTORIES[name]
+    return LOW_PRECISION_CASES[name] if dtype in LOW_PRECISION else {**TRAJECTORIES, **FINITE_DIFFERENCE}[name]
 
 
 def per_step_id(name, dtype):
@@ -317,6 +330,15 @@ def _optimizer(model, backend, options, groups):
 
 
 def _step(model, opt, batch, scaler=None):
+    if opt.hvp != "autograd":  # Hessian steps evaluate the closure at the perturbed points too
+        def closure():
+            opt.zero_grad()
+            loss = _loss(model, batch)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return
     opt.zero_grad()
     backward_and_step(_loss(model, batch), opt, scaler)
 

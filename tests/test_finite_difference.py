@@ -72,6 +72,37 @@ def test_d_matches_the_exact_d_within_the_error_model(backend, cls, dtype, hvp, 
         assert error > 1e-7  # the comparison is not between two exact products
 
 
+# The ops that would form the difference g(theta + eps z) - g(theta) as a tensor.
+DIFFERENCE_OPS = {"aten::sub", "aten::sub_", "aten::_foreach_sub", "aten::_foreach_sub_", "aten::rsub"}
+
+
+@pytest.mark.usefixtures("fused_kernels")
+@pytest.mark.parametrize("hvp", ["finite_difference", "central_difference"])
+def test_the_fused_kernels_form_the_difference_without_an_hz_tensor(hvp):
+    # The fused step hands the kernels both gradients and 1 / eps (README, "Without
+    # double backward"): no aten op subtracts them, as the reference path does with
+    # plain tensor ops. The closure's own backward (linear, tanh, square, sum) subtracts nothing.
+    seen = {}
+    for backend in ("reference", "fused"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 4))
+        opt = AdaHessian(model.parameters(), hvp=hvp, n_samples=2, backend=backend)
+        x = torch.randn(16, 12)
+
+        def closure():
+            opt.zero_grad()
+            loss = model(x).square().sum()
+            loss.backward()
+            return loss
+
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            opt.step(closure)
+        assert opt.state[model[0].weight]["step"] == 1
+        seen[backend] = {e.name for e in prof.events()} & DIFFERENCE_OPS
+    assert "aten::sub" in seen["reference"]
+    assert not seen["fused"], seen["fused"]
+
+
 def test_the_extra_evaluations_leave_parameters_gradient_and_random_state_as_one_evaluation(backend):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 32), nn.Dropout(0.3), nn.Tanh(), nn.Linear(32, 4))
