@@ -1,15 +1,20 @@
-"""Code run by each rank of the distributed tests (spawned processes, gloo on loopback)."""
+"""Code run by each rank of the distributed tests (spawned processes, gloo on loopback),
+the launcher that spawns them, and the check the equivalence tests share."""
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
+import time
 import traceback
 import warnings
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
+import tolerances
 from adahessian import AdaHessian
 
 # Each config trains the same model; the single-process run on the concatenated batch is the oracle.
@@ -20,6 +25,7 @@ CONFIGS = {
 }
 STEPS = 6
 PER_RANK = 4
+DEADLINE_S = 120
 
 
 def make_model(dtype=torch.float64):
@@ -44,6 +50,31 @@ def train(config, backend, world, rank=None, process_group=None):
         torch.nn.functional.cross_entropy(model(x), y).backward(create_graph=opt.hessian_due)
         opt.step()
     return [p.detach().clone() for p in model.parameters()]
+
+
+def train_ddp_no_sync(config, backend, world, rank):
+    """train() on this rank's shard through a DDP wrapper on the exact path: every
+    backward under no_sync(), the optimizer's process_group reducing at step()."""
+    ddp = DistributedDataParallel(make_model())
+    opt = AdaHessian(ddp.parameters(), backend=backend, process_group="world", **CONFIGS[config])
+    for x, y in batches(world):
+        x, y = x[rank * PER_RANK : (rank + 1) * PER_RANK], y[rank * PER_RANK : (rank + 1) * PER_RANK]
+        opt.zero_grad()
+        with ddp.no_sync():  # DDP's reducer stays out; process_group reduces at step()
+            torch.nn.functional.cross_entropy(ddp(x), y).backward(create_graph=opt.hessian_due)
+        opt.step()
+    return [p.detach().clone() for p in ddp.module.parameters()]
+
+
+def ddp_without_no_sync(world):
+    """What DDP's own reducer does with create_graph=True: the error message."""
+    ddp = DistributedDataParallel(make_model())
+    x, y = batches(world)[0]
+    try:
+        torch.nn.functional.cross_entropy(ddp(x), y).backward(create_graph=True)
+    except RuntimeError as err:
+        return str(err)
+    return "no error"
 
 
 def train_ddp_finite_difference(backend, world, rank=None):
@@ -79,6 +110,9 @@ def run(rank, world, init_file, out_file, backend, scenario):
                 warnings.simplefilter("always")
                 train("plain", backend, world, rank, process_group=None)
             result["warned_without_group"] = sum("drift apart" in str(w.message) for w in caught)
+        elif scenario == "ddp_no_sync":
+            result = {name: train_ddp_no_sync(name, backend, world, rank) for name in CONFIGS}
+            result["without_no_sync"] = ddp_without_no_sync(world)
         elif scenario == "ddp_finite_difference":
             result = train_ddp_finite_difference(backend, world, rank)
         elif scenario == "seed_mismatch":
@@ -101,3 +135,39 @@ def run(rank, world, init_file, out_file, backend, scenario):
     finally:
         if dist.is_initialized() and scenario != "rank_raises":
             dist.destroy_process_group()
+
+
+def launch(tmp_path, world, backend, scenario):
+    """Spawn ``world`` ranks running ``scenario``, wait for all within the deadline
+    (killing leftovers), and return their exit codes and saved results."""
+    ctx = multiprocessing.get_context("spawn")
+    init_file = tmp_path / "init"
+    outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
+    procs = [ctx.Process(target=run, args=(r, world, str(init_file), str(outs[r]), backend, scenario)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + DEADLINE_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    assert not hung, f"{len(hung)} rank(s) still running after {DEADLINE_S} s"
+    results = [torch.load(o, weights_only=False) if o.exists() else None for o in outs]
+    return [p.exitcode for p in procs], results
+
+
+def assert_ranks_equal_one_process(results, backend, world):
+    """Every config's ranks bitwise equal, and equal to train() on the whole batch
+    within the float64 trajectory bound (the ranks' sums over shards round differently
+    from the whole batch's)."""
+    for name in CONFIGS:
+        oracle = train(name, backend, world)
+        for rank, result in enumerate(results):
+            for p, q in zip(result[name], results[0][name]):
+                assert torch.equal(p, q), f"{name}: rank {rank} differs from rank 0"
+            for p, q in zip(result[name], oracle):
+                tolerances.assert_trajectory_close(p, q, STEPS, name)
+        initial = [p.detach() for p in make_model().parameters()]
+        assert not torch.equal(results[0][name][0], initial[0]), f"{name}: nothing trained"

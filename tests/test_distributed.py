@@ -1,56 +1,18 @@
 """Data-parallel AdaHessian over gloo on loopback: N ranks on N shards equal one process
 on the whole batch, ranks stay bitwise equal, and a failing rank does not hang the rest."""
 
-import multiprocessing
-import time
-
 import pytest
 import torch
 
 import dist_worker
-import tolerances
-
-DEADLINE_S = 120
-
-
-def launch(tmp_path, world, backend, scenario):
-    """Spawn `world` ranks, wait for all within the deadline (killing leftovers), and
-    return their exit codes and saved results."""
-    ctx = multiprocessing.get_context("spawn")
-    init_file = tmp_path / "init"
-    outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
-    procs = [
-        ctx.Process(target=dist_worker.run, args=(r, world, str(init_file), str(outs[r]), backend, scenario))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + DEADLINE_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    assert not hung, f"{len(hung)} rank(s) still running after {DEADLINE_S} s"
-    results = [torch.load(o, weights_only=False) if o.exists() else None for o in outs]
-    return [p.exitcode for p in procs], results
+from dist_worker import launch
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_on_shards_equal_one_process_on_the_whole_batch(tmp_path, world, backend):
     codes, results = launch(tmp_path, world, backend, "equivalence")
     assert codes == [0] * world
-    for name in dist_worker.CONFIGS:
-        oracle = dist_worker.train(name, backend, world)
-        for rank, result in enumerate(results):
-            for p, q in zip(result[name], results[0][name]):
-                assert torch.equal(p, q), f"{name}: rank {rank} differs from rank 0"
-            for p, q in zip(result[name], oracle):
-                # float64; the ranks' sums over shards round differently from the whole batch's.
-                tolerances.assert_trajectory_close(p, q, dist_worker.STEPS, name)
-        initial = [p.detach() for p in dist_worker.make_model().parameters()]
-        assert not torch.equal(results[0][name][0], initial[0]), f"{name}: nothing trained"
+    dist_worker.assert_ranks_equal_one_process(results, backend, world)
     # Without a process group the ranks drift apart: each rank was warned once.
     assert [r["warned_without_group"] for r in results] == [1] * world
 
