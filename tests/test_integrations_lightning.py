@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from adahessian import AdaHessian
+from training import clip_and_step
 
 # `make test-frameworks` sets this: there a missing framework is a failure, not a skip.
 if os.environ.get("ADAHESSIAN_TEST_FRAMEWORKS") == "1":
@@ -103,15 +104,7 @@ def by_hand(clip=None, autocast=None, accumulate=1):
                 opt.backward(loss / accumulate)
             else:
                 loss.backward(create_graph=opt.hessian_due)
-        if scaler is not None:
-            scaler.unscale_(opt)
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-        if scaler is None:
-            opt.step()
-        else:
-            scaler.step(opt)
-            scaler.update()
+        clip_and_step(opt, net.parameters(), clip, scaler)
     return net
 
 

@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from adahessian import AdaHessian, math_attention  # noqa: E402
+from training import clip_and_step  # noqa: E402
 
 # `make test-frameworks` sets this: there a missing framework is a failure, not a skip.
 if os.environ.get("ADAHESSIAN_TEST_FRAMEWORKS") == "1":
@@ -122,15 +123,7 @@ def by_hand(trainer, kind="bert", accumulate=1, clip=0.0, autocast=None, update_
                 opt.backward(loss)
             else:
                 loss.backward(create_graph=opt.hessian_due)
-        if scaler is not None:
-            scaler.unscale_(opt)
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if scaler is None:
-            opt.step()
-        else:
-            scaler.step(opt)
-            scaler.update()
+        clip_and_step(opt, model.parameters(), clip, scaler)
     return model
 
 

@@ -19,6 +19,21 @@ def backward_and_step(loss, opt, scaler=None):
         scaler.update()
 
 
+def clip_and_step(opt, params, clip=None, scaler=None):
+    """The end of a hand-written iteration as the frameworks run it: unscale (under
+    ``scaler``), clip the gradients' norm to ``clip`` (when given), step through the
+    scaler or not."""
+    if scaler is not None:
+        scaler.unscale_(opt)
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
+
+
 class CheckpointNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
