@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from . import backends
+from . import averaging, backends
 from .precision import LOW_PRECISION, state_dtype
 
 if TYPE_CHECKING:
@@ -63,6 +63,8 @@ def adahessian(
     weight_decay: float,
     hessian_power: float,
     average_conv_kernel: bool,
+    spatial_averaging: str = "conv2d",
+    block_length: int = 1,
     backend: str,
 ) -> None:
     """One AdaHessian update of every tensor in ``params``, in place (docs/algorithm.md,
@@ -78,14 +80,26 @@ def adahessian(
     with ``params``, Hz unscaled, or a finite difference's two gradients and ``1 / step``,
     differenced in the state dtype): ``D = (partial_sums + z * Hz) / n_samples``, written
     into ``hessians`` when they are kept. Other steps pass None and use ``hessians`` as D.
+
+    ``average_conv_kernel``, ``spatial_averaging`` and ``block_length`` select which
+    elements share one mean |D| (:mod:`adahessian.averaging`); ValueError for settings
+    that do not combine or a tensor they refuse (a 5-D one with "official", a size that
+    ``block_length`` does not divide), before any tensor changes.
     """
     kept = [h is not None for h in hessians]
     if any(kept) and not all(kept):
         raise ValueError("adahessian(): hessians must be all tensors or all None (D is kept for every parameter or none)")
     if estimate is None and not all(kept):
         raise ValueError("adahessian(): a step without an estimate uses the kept D: pass hessians")
+    averaging.validate(average_conv_kernel, spatial_averaging, block_length)
+    rules = [
+        averaging.rule_of(tuple(p.shape), average_conv_kernel=average_conv_kernel, spatial_averaging=spatial_averaging,
+                          block_length=block_length, what=f"parameter {i}")
+        for i, p in enumerate(params)
+    ]
     backends.implementation(backend).step_(
         params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, state_steps, estimate=estimate,
         n_samples=n_samples, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        hessian_power=hessian_power, average_conv_kernel=average_conv_kernel,
+        hessian_power=hessian_power, average_conv_kernel=average_conv_kernel, spatial_averaging=spatial_averaging,
+        block_length=block_length, rules=rules,
     )

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import amp, distributed, finite_difference, functional, hutchinson
+from . import amp, averaging, distributed, finite_difference, functional, hutchinson
 from .backends import BACKENDS, resolve
 from .precision import state_dtype
 
@@ -19,7 +19,7 @@ from .precision import state_dtype
 # `foreach` and `fused`), equal in all; read and changed through the attributes of the
 # same names (README, "Where settings and counters live"). A change of those that shape
 # D makes the next step a Hessian step.
-SHAPE_D = ("update_each", "n_samples", "average_conv_kernel")
+SHAPE_D = ("update_each", "n_samples", "average_conv_kernel", "spatial_averaging", "block_length")
 SETTINGS = (*SHAPE_D, "backend", "seed", "hvp")
 HVPS = ("autograd", *finite_difference.SCHEMES)
 # Optimizer-level counters, also in every param group (plain ints and a dict of them):
@@ -91,7 +91,22 @@ class AdaHessian(Optimizer):
             each one more Hessian-vector product (default: 1).
         average_conv_kernel (bool, optional): average :math:`|D|` over each 4-D conv
             weight's spatial positions, as in the paper (default: False). Only 4-D
-            tensors: Conv1d (3-D) and Conv3d (5-D) weights stay per element.
+            tensors: Conv1d (3-D) and Conv3d (5-D) weights stay per element (see
+            ``spatial_averaging`` for Conv1d). Read only with
+            ``spatial_averaging="conv2d"``.
+        spatial_averaging (str, keyword-only): ``"conv2d"`` (``average_conv_kernel``
+            decides, as above) or ``"official"``, the official implementation's
+            ``instruction/`` rule whatever ``average_conv_kernel`` says: :math:`|D|`
+            averaged over dims 2, 3 of 4-D weights, the last dim of 3-D (Conv1d)
+            weights, the rows of 2-D weights, per element for 0-D and 1-D tensors;
+            5-D (Conv3d) weights are refused with a ValueError at ``step()``, as the
+            official code refuses them (default: ``"conv2d"``).
+        block_length (int, keyword-only): >= 1; above 1, :math:`|D|` averaged over
+            consecutive blocks of this many elements of every flattened tensor, the
+            official fairseq version's ``--block-length`` (its IWSLT runs used 32). Every
+            parameter's size must be a multiple (ValueError at ``step()`` naming the
+            tensor otherwise); combines with neither ``average_conv_kernel=True`` nor
+            ``"official"`` (default: 1, no block averaging).
         backend (str, keyword-only): ``"auto"`` (the compiled kernels where available
             for the parameters' device, else the reference path with one warning),
             ``"fused"`` (RuntimeError where unavailable) or ``"reference"``
@@ -133,6 +148,8 @@ class AdaHessian(Optimizer):
     update_each = _setting("update_each", "Recompute the Hessian diagonal every this many steps (int >= 1).")
     n_samples = _setting("n_samples", "Rademacher vectors averaged per Hessian estimate (int >= 1).")
     average_conv_kernel = _setting("average_conv_kernel", "Average |D| over each conv kernel's spatial positions.")
+    spatial_averaging = _setting("spatial_averaging", '"conv2d" or "official" (adahessian/averaging.py).')
+    block_length = _setting("block_length", "Average |D| over blocks of this many elements (1: no blocks).")
     backend = _setting("backend", '"auto", "fused" or "reference" (README, "Backends").')
     seed = _setting("seed", "Seed of the counter-based Rademacher sampler, in [0, 2**32).")
     hvp = _setting("hvp", '"autograd", "finite_difference" or "central_difference" (README, "Without double backward").')
@@ -150,6 +167,8 @@ class AdaHessian(Optimizer):
         average_conv_kernel: bool = False,
         *,
         backend: str = "auto",
+        spatial_averaging: str = "conv2d",
+        block_length: int = 1,
         seed: int = 2147483647,
         process_group: Any = None,
         hvp: str = "autograd",
@@ -157,7 +176,7 @@ class AdaHessian(Optimizer):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
             update_each=update_each, n_samples=n_samples, average_conv_kernel=bool(average_conv_kernel),
-            backend=backend, seed=seed, hvp=hvp,
+            spatial_averaging=spatial_averaging, block_length=block_length, backend=backend, seed=seed, hvp=hvp,
         )
         _validate_hyperparameters(defaults)
         _validate_settings(defaults)
@@ -189,7 +208,7 @@ class AdaHessian(Optimizer):
         ``hvp`` needs ``step(closure)`` instead); on other steps a plain backward is enough.
         Hessian steps are every ``update_each``-th step, counted from the first step and
         again from any change of ``update_each``, ``n_samples`` or
-        ``average_conv_kernel`` (the next step after a change is a Hessian step, as in a
+        ``average_conv_kernel``, ``spatial_averaging`` or ``block_length`` (the next step after a change is a Hessian step, as in a
         fresh run with the new settings)."""
         self._sync_settings()
         return (self._counter("optimizer_step") - self._counter("hessian_origin")) % self.update_each == 0
@@ -609,7 +628,8 @@ class AdaHessian(Optimizer):
                 [s["step"] for s in states], estimate=None if estimate is None else estimate.select(ns),
                 n_samples=self.n_samples, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
-                average_conv_kernel=self.average_conv_kernel, backend=self._backend_for(device),
+                average_conv_kernel=self.average_conv_kernel, spatial_averaging=self.spatial_averaging,
+                block_length=self.block_length, backend=self._backend_for(device),
             )
 
     def _prepare_state(self, p: Tensor, *, hessian_step: bool) -> bool:
@@ -708,6 +728,7 @@ def _validate_settings(group: dict[str, Any]) -> tuple:
         raise ValueError(f"Invalid n_samples: {n_samples!r} (an int >= 1)")
     if not isinstance(group["average_conv_kernel"], bool):
         raise ValueError(f"Invalid average_conv_kernel: {group['average_conv_kernel']!r} (a bool)")
+    averaging.validate(group["average_conv_kernel"], group["spatial_averaging"], group["block_length"])
     if backend not in BACKENDS:
         raise ValueError(f"Invalid backend: {backend!r} (one of {', '.join(map(repr, BACKENDS))})")
     if not (isinstance(seed, int) and 0 <= seed < 2**32):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import sampler
+from .. import averaging, sampler
 from ..precision import state_dtype
 
 
@@ -32,7 +32,7 @@ def hessian_vector_product(hzs: list[Tensor], bases: list[Tensor] | None, inv_st
 
 def step_(
     params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, state_steps, *, estimate, n_samples, lr, beta1,
-    beta2, eps, weight_decay, hessian_power, average_conv_kernel,
+    beta2, eps, weight_decay, hessian_power, average_conv_kernel, spatial_averaging, block_length, rules,
 ) -> None:
     for i, param in enumerate(params):
         dtype = state_dtype(param)
@@ -51,9 +51,10 @@ def step_(
         else:
             hess = hessians[i]
 
-        # 2. Conv kernels share one curvature value per (out, in) channel pair.
-        if average_conv_kernel and p.dim() == 4:
-            hess = torch.abs(hess).mean(dim=[2, 3], keepdim=True).expand_as(p).clone()
+        # 2. Spatial averaging (adahessian/averaging.py): e.g. conv kernels share one
+        # curvature value per (out, in) channel pair.
+        if rules[i] is not None:
+            hess = averaging.mean_abs(hess, rules[i])
         if estimate is not None and hessians[i] is not None:
             hessians[i].copy_(hess)
 

@@ -464,7 +464,8 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
                 at::TensorList bases, at::TensorList partial_sums, at::IntArrayRef keys, at::IntArrayRef steps,
                 double lr, double beta1, double beta2, double eps, double weight_decay, double hessian_power,
-                int64_t n_samples, double inv_step, bool average_conv_kernel) {
+                int64_t n_samples, double inv_step, bool average_conv_kernel, c10::string_view spatial_averaging,
+                int64_t block_length) {
   check_step_arguments(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums, keys, steps,
                        n_samples);
   if (params.empty()) return;
@@ -480,7 +481,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
         const Tensor& p = params[i];
         check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums);
         StepMeta<scalar_t> t{};
-        t.averaging = averaging_of(p, average_conv_kernel);
+        t.averaging = averaging_of(p, average_conv_kernel, spatial_averaging, block_length);
         const auto order = in_place_order(
             step_tensors_of(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums),
             t.averaging.group);

@@ -6,6 +6,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <adahessian/layout.h>
 #include <adahessian/math.h>
@@ -160,15 +161,39 @@ void dispatch_power(Power power, const F& f) {
   }
 }
 
-// Conv-kernel averaging of one parameter: whether D becomes the group_mean_abs of each
-// group of `group` elements, a 4-D parameter's kh*kw blocks (1x1 too: D becomes |D|).
+// Spatial averaging of one parameter (adahessian/averaging.py states the rules; the
+// reference path and tests/oracle.py derive them independently): whether D becomes the
+// group_mean_abs of each group of `group` consecutive elements in logical row-major
+// order. Every rule is such a grouping: a 4-D weight's kh*kw blocks (1x1 too: D becomes
+// |D|), a 3-D weight's last dim, a 2-D weight's rows, |D| per element, or blocks of
+// block_length elements of the flattened tensor.
 struct Averaging {
   bool average;
   int64_t group;  // 1 when not averaging
 };
 
-inline Averaging averaging_of(const at::Tensor& param, bool average_conv_kernel) {
-  const bool average = average_conv_kernel && param.dim() == 4;
+inline Averaging averaging_of(const at::Tensor& param, bool average_conv_kernel, c10::string_view spatial_averaging,
+                              int64_t block_length) {
+  const bool official = spatial_averaging == "official";
+  TORCH_CHECK_VALUE(official || spatial_averaging == "conv2d", "adahessian: spatial_averaging must be 'conv2d' or ",
+                    "'official', got '", spatial_averaging, "'");
+  TORCH_CHECK_VALUE(block_length >= 1, "adahessian: block_length must be >= 1, got ", block_length);
+  const int64_t dim = param.dim();
+  if (block_length > 1) {
+    TORCH_CHECK_VALUE(!average_conv_kernel && !official, "adahessian: block_length > 1 combines with neither ",
+                      "average_conv_kernel nor spatial_averaging='official'");
+    TORCH_CHECK_VALUE(param.numel() % block_length == 0, "adahessian: a parameter of shape ", param.sizes(),
+                      " has ", param.numel(), " elements, not a multiple of block_length=", block_length);
+    return {true, block_length};
+  }
+  if (official) {
+    TORCH_CHECK_VALUE(dim <= 4, "adahessian: spatial_averaging='official' covers tensors up to 4-D, got shape ",
+                      param.sizes());
+    const int64_t group = dim == 4 ? param.size(2) * param.size(3) : dim == 3 ? param.size(2)
+                          : dim == 2 ? param.size(1) : 1;
+    return {true, std::max<int64_t>(1, group)};
+  }
+  const bool average = average_conv_kernel && dim == 4;
   return {average, average ? std::max<int64_t>(1, param.size(2) * param.size(3)) : 1};
 }
 
