@@ -26,7 +26,7 @@ NO_GRAPH_MESSAGE = (
     "the gradients were computed without one: call loss.backward(create_graph=True) before "
     "optimizer.step() (or loss.backward(create_graph=optimizer.hessian_due) to pay for it "
     "only on the steps that recompute the Hessian; read hessian_due after changing "
-    "update_each, n_samples or average_conv_kernel, since a change makes the next step a "
+    "update_each, n_samples or a spatial-averaging setting, since a change makes the next step a "
     "Hessian step), or optimizer.backward(loss) in place of loss.backward(), which does "
     "that and frees the graph at once."
 )

@@ -4,6 +4,7 @@ the operator-check arguments, the models and their training cases, and the two
 comparisons against the reference path (docs/algorithm.md, section 4; tests/tolerances.py)."""
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -63,12 +64,13 @@ CORE_CASES = {
 INV_STEP = 1 / 0.0123  # not a power of two: its rounding to the compute dtype counts
 
 
-def problem(dtype, *, hessian_step, kept, n_samples, channels_last, difference=False, seed=0):
+def problem(dtype, *, hessian_step, kept, n_samples, channels_last, difference=False, seed=0, shapes=None):
     """Random lists for functional.adahessian (params, grads, state) and, on a Hessian
     step, its Estimate (z, keys, Hz, partial sums; with ``difference``, Hz as the
     gradients at two nearby points and INV_STEP)."""
     g = torch.Generator().manual_seed(seed)
     sdtype = tolerances.compute_dtype(dtype)
+    SHAPES = shapes or globals()["SHAPES"]  # noqa: N806
 
     def rand(shape, dt, positive=False):
         t = (torch.rand if positive else torch.randn)(shape, generator=g, dtype=torch.float64).to(dt)
@@ -93,6 +95,24 @@ def problem(dtype, *, hessian_step, kept, n_samples, channels_last, difference=F
     # The gradients eps apart differ by about eps * Hz: the difference cancels their leading digits.
     bases = [(h.double() - rand(s, torch.float64) / INV_STEP).to(dtype) for h, s in zip(hzs, SHAPES)]
     return lists, Estimate(zs, keys, hzs, partial_sums, bases, INV_STEP)
+
+
+# Shapes for the spatial-averaging options: every dimension count up to 5, sizes that
+# blocks of 1, 4 and 32 divide, groups longer than a tile and than a CUDA group tile.
+AVERAGING_SHAPES = [(32,), (96, 8), (4, 3, 32), (2, 2, 4, 4), (8, 4, 1, 1), (2, 1, 32, 40), (2, 2, 2, 2, 4), (3, 1088)]
+# The official rule refuses 5-D tensors.
+OFFICIAL_SHAPES = [s for s in AVERAGING_SHAPES if len(s) < 5] + [(7,), (5, 3), (3, 2, 5), (5, 2, 1, 1), ()]
+AVERAGING_OPTIONS = {
+    "official": dict(spatial_averaging="official"),
+    "official, average_conv_kernel": dict(spatial_averaging="official", average_conv_kernel=True),
+    "block 1": dict(block_length=1),
+    "block 4": dict(block_length=4),
+    "block 32": dict(block_length=32),
+}
+
+
+def averaging_shapes(options):
+    return OFFICIAL_SHAPES if options.get("spatial_averaging") == "official" else AVERAGING_SHAPES
 
 
 def core_options(n_samples, hessian_power, average_conv_kernel):
@@ -145,9 +165,16 @@ STATE = dict(params="param", exp_avgs="exp_avg", exp_hessian_diag_sqs="exp_hessi
 HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "hessian_power")
 
 
-def averaging_group(t, average_conv_kernel):
-    """Elements whose |D| are averaged together (conv kernels), else 1."""
-    return t.shape[2] * t.shape[3] if average_conv_kernel and t.dim() == 4 else 1
+def averaging_group(t, options):
+    """Elements whose |D| are averaged together (adahessian/averaging.py's rules, written
+    out for the error model), else 1."""
+    block = options.get("block_length", 1)
+    if block > 1:
+        return block
+    if options.get("spatial_averaging", "conv2d") == "official":
+        trailing = {4: 2, 3: 1, 2: 1}.get(t.dim(), 0)
+        return max(1, math.prod(t.shape[t.dim() - trailing:]))
+    return t.shape[2] * t.shape[3] if options["average_conv_kernel"] and t.dim() == 4 else 1
 
 
 def assert_functional_close(got, want, before, options):
@@ -158,7 +185,7 @@ def assert_functional_close(got, want, before, options):
             {STATE[k]: got[k][i] for k in STATE}, {STATE[k]: want[k][i] for k in STATE},
             dict(param=p, exp_avg=before["exp_avgs"][i]), before["grads"][i],
             dict({k: options[k] for k in HYPER}, step=before["state_steps"][i]),
-            dtypes=(p.dtype, p.dtype), group=averaging_group(p, options["average_conv_kernel"]),
+            dtypes=(p.dtype, p.dtype), group=averaging_group(p, options),
             what=f"[{i}] {tuple(p.shape)}",
         )
 
@@ -405,7 +432,7 @@ def steps_from_identical_state(case, dtype, steps, device=CPU):
                 dict(param=before[p][0], exp_avg=before[p][1]), p.grad.double(),  # unscaled by step()
                 dict({k: group[k] for k in HYPER if k in group}, beta1=group["betas"][0], beta2=group["betas"][1],
                      step=want["step"]),
-                dtypes=(dtype, dtype), group=averaging_group(p, average), what=f"step {step} {name}",
+                dtypes=(dtype, dtype), group=averaging_group(p, dict(average_conv_kernel=average)), what=f"step {step} {name}",
             )
         if case.get("channels_last"):
             assert fused_model.conv2.weight.is_contiguous(memory_format=torch.channels_last)

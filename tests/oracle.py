@@ -34,7 +34,26 @@ class Separable:
         return a + 3 * b * w**2
 
 
-def oracle_trajectory(problem, hypers, steps, *, update_each=1, average_conv_kernel=False):
+def oracle_average(d, *, average_conv_kernel=False, spatial_averaging="conv2d", block_length=1):
+    """D after spatial averaging (README, "Arguments"), in float64, written out plainly:
+    each element replaced by the mean |D| of the elements that share its curvature."""
+    if block_length > 1:
+        blocks = d.abs().flatten().split(block_length)
+        assert all(b.numel() == block_length for b in blocks)
+        return torch.cat([b.mean().expand(block_length) for b in blocks]).view(d.shape)
+    if spatial_averaging == "official":
+        assert d.dim() <= 4
+        if d.dim() <= 1:
+            return d.abs()
+        # 4-D: each (out, in) kernel; 3-D: each (out, in) row of the last dim; 2-D: each row.
+        last = 2 if d.dim() >= 3 else 1
+        return d.abs().mean(dim=tuple(range(last, d.dim())), keepdim=True).expand_as(d)
+    if average_conv_kernel and d.dim() == 4:
+        return d.abs().mean(dim=(2, 3), keepdim=True).expand_as(d)
+    return d
+
+
+def oracle_trajectory(problem, hypers, steps, *, update_each=1, **averaging):
     """docs/algorithm.md, section 1, in float64, written out plainly. ``hypers[n]`` holds the
     per-parameter lr, betas, eps, weight_decay, hessian_power. Returns the
     parameters after every step."""
@@ -49,9 +68,7 @@ def oracle_trajectory(problem, hypers, steps, *, update_each=1, average_conv_ker
             g = problem.grad(n, w)
             if t % update_each == 0:
                 d[n] = problem.hess_diag(n, w)
-            dn = d[n]
-            if average_conv_kernel and w.dim() == 4:
-                dn = dn.abs().mean(dim=(2, 3), keepdim=True).expand_as(w)
+            dn = oracle_average(d[n], **averaging)
             b1, b2 = h["betas"]
             w = w * (1 - h["lr"] * h["weight_decay"])
             m[n] = b1 * m[n] + (1 - b1) * g

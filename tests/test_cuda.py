@@ -132,6 +132,20 @@ def test_functional_step_matches_the_reference(target, dtype, case, hessian_powe
     cases.assert_functional_close(got, want, lists, options)
 
 
+@pytest.mark.parametrize("dtype", cases.ALL_DTYPES, ids=cases.dtype_name)
+@pytest.mark.parametrize("case", list(cases.AVERAGING_OPTIONS))
+@pytest.mark.parametrize("core", ["hessian step, D kept, 3 samples", "step with the kept D"])
+def test_spatial_averaging_matches_the_reference(target, dtype, case, core):
+    # The official rule and blocks (tests/test_averaging.py): groups of every length, in
+    # channels-last tensors too, through the CUDA kernels' group reduction.
+    options = dict(cases.core_options(cases.CORE_CASES[core]["n_samples"], 0.5, False), **cases.AVERAGING_OPTIONS[case])
+    lists, estimate = cases.problem(dtype, channels_last=True, shapes=cases.averaging_shapes(options),
+                                    **cases.CORE_CASES[core])
+    want = cases.run_functional("reference", lists, estimate, **options)
+    got = cases.run_functional("fused", target.to(lists), target.to(estimate), **target.to(options))
+    cases.assert_functional_close(got, want, lists, options)
+
+
 def _padded(tensors, offset):
     """Each tensor as a view `offset` elements into a buffer with a margin of 16
     elements on either side, filled with finite random sentinels (a read-modify-write

@@ -1,0 +1,131 @@
+"""Spatial averaging (adahessian/averaging.py; README, "Arguments"): the official
+implementation's rule (spatial_averaging="official") and its fairseq version's blocks
+(block_length), against the float64 re-derivation of tests/oracle.py on both backends,
+the fused kernels against the reference per dtype (CUDA's code: tests/test_cuda.py), and
+the errors for shapes a setting refuses."""
+
+import pytest
+import torch
+
+import cases
+from adahessian import AdaHessian, averaging, functional
+from oracle import Separable, oracle_average, oracle_trajectory
+from test_exact import DEFAULT, assert_trajectories_close, run
+
+STEPS = 6
+
+
+@pytest.mark.parametrize("case", list(cases.AVERAGING_OPTIONS))
+def test_trajectory_matches_float64_oracle(case, backend):
+    options = cases.AVERAGING_OPTIONS[case]
+    problem = Separable(cases.averaging_shapes(options), seed=11)
+    got, _ = run(problem, STEPS, backend=backend, update_each=2, **options)
+    want = oracle_trajectory(problem, [DEFAULT] * len(problem.init), STEPS, update_each=2, **options)
+    assert_trajectories_close(got, want)
+    # The averaging changed the run: it differs from the per-element one (bar blocks of 1).
+    plain = oracle_trajectory(problem, [DEFAULT] * len(problem.init), STEPS, update_each=2)
+    moved = any(not torch.allclose(g, p) for g, p in zip(got[-1], plain[-1]))
+    assert moved == (options.get("block_length", 1) > 1 or "spatial_averaging" in options)
+
+
+@pytest.mark.parametrize("case", list(cases.AVERAGING_OPTIONS))
+def test_kept_d_is_the_oracle_average(case, backend):
+    options = cases.AVERAGING_OPTIONS[case]
+    problem = Separable(cases.averaging_shapes(options), seed=12)
+    _, opt = run(problem, 1, backend=backend, update_each=3, **options)
+    for n, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        d = problem.hess_diag(n, problem.init[n])
+        torch.testing.assert_close(opt.state[p]["hessian"], oracle_average(d, **options), rtol=1e-14, atol=0)
+
+
+def test_the_official_rule_groups():
+    rule = lambda shape: averaging.rule_of(shape, average_conv_kernel=False, spatial_averaging="official",  # noqa: E731
+                                           block_length=1)
+    assert rule((8, 4, 3, 3)).group == 9 and rule((8, 4, 5)).group == 5 and rule((6, 7)).group == 7
+    assert rule((7,)).group == 1 and rule(()).group == 1
+    conv2d = averaging.rule_of((8, 4, 5), average_conv_kernel=True, spatial_averaging="conv2d", block_length=1)
+    assert conv2d is None  # Conv1d weights stay per element under the default rule
+
+
+@pytest.mark.parametrize("dtype", cases.ALL_DTYPES, ids=cases.dtype_name)
+@pytest.mark.parametrize("case", list(cases.AVERAGING_OPTIONS))
+@pytest.mark.parametrize("core", ["hessian step, D kept, 3 samples", "step with the kept D"])
+def test_fused_matches_the_reference(dtype, case, core, fused_kernels):
+    options = dict(cases.core_options(cases.CORE_CASES[core]["n_samples"], 0.5, False), **cases.AVERAGING_OPTIONS[case])
+    lists, estimate = cases.problem(dtype, channels_last=True, shapes=cases.averaging_shapes(options),
+                                    **cases.CORE_CASES[core])
+    want = cases.run_functional("reference", lists, estimate, **options)
+    got = cases.run_functional("fused", lists, estimate, **options)
+    cases.assert_functional_close(got, want, lists, options)
+
+
+def _step(backend, shapes, **options):
+    problem = Separable(shapes, seed=13)
+    return run(problem, 1, backend=backend, **options)
+
+
+def test_a_block_that_does_not_divide_a_size_is_refused_at_step(backend):
+    with pytest.raises(ValueError, match=r"block_length=32.*shape \(5, 3\) has 15 elements.*e\.g\. 1"):
+        _step(backend, [(32,), (5, 3)], block_length=32)
+
+
+def test_the_official_rule_refuses_5d_tensors(backend):
+    with pytest.raises(ValueError, match=r"'official'.*\(2, 2, 2, 2, 4\) is 5-D"):
+        _step(backend, [(2, 2, 2, 2, 4)], spatial_averaging="official")
+
+
+def test_the_kernel_refuses_what_the_python_side_refuses(fused_kernels):
+    p = [torch.zeros(5, 3)]
+    args = (p, [torch.zeros(5, 3)], [torch.zeros(5, 3)], [torch.zeros(5, 3)], [torch.zeros(5, 3)], [], [], [], [], [1],
+            0.1, 0.9, 0.999, 1e-8, 0.0, 1.0, 1, 1.0, False)
+    with pytest.raises(ValueError, match="not a multiple of block_length=4"):
+        torch.ops.adahessian.fused_step_(*args, spatial_averaging="conv2d", block_length=4)
+    with pytest.raises(ValueError, match="'conv2d' or 'official'"):
+        torch.ops.adahessian.fused_step_(*args, spatial_averaging="blocks", block_length=1)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(spatial_averaging="blocks"), "Invalid spatial_averaging"),
+    (dict(block_length=0), "Invalid block_length"),
+    (dict(block_length=4, average_conv_kernel=True), "does not combine"),
+    (dict(block_length=4, spatial_averaging="official"), "does not combine"),
+])
+def test_bad_settings_are_refused_at_construction_and_at_step(options, message):
+    with pytest.raises(ValueError, match=message):
+        AdaHessian([torch.nn.Parameter(torch.zeros(4))], **options)
+    with pytest.raises(ValueError, match="Invalid block_length"):
+        AdaHessian([torch.nn.Parameter(torch.zeros(4))], block_length=True)
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = AdaHessian([p], backend="reference")
+    for name, value in options.items():
+        setattr(opt, name, value)
+    p.grad = torch.zeros(4)
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+
+
+@pytest.mark.parametrize("change", [dict(spatial_averaging="official"), dict(block_length=4)])
+def test_a_change_makes_the_next_step_a_hessian_step_and_is_saved(change):
+    p = torch.nn.Parameter(torch.ones(8))
+    opt = AdaHessian([p], update_each=5, backend="reference")
+    (p**2).sum().backward(create_graph=True)
+    opt.step()
+    assert not opt.hessian_due
+    for name, value in change.items():
+        setattr(opt, name, value)
+    assert opt.hessian_due
+    saved = opt.state_dict()["param_groups"][0]
+    assert all(saved[name] == value for name, value in change.items())
+    fresh = AdaHessian([torch.nn.Parameter(torch.ones(8))], update_each=5, backend="reference")
+    fresh.load_state_dict(opt.state_dict())
+    assert all(getattr(fresh, name) == value for name, value in change.items())
+
+
+def test_functional_defaults_are_the_seed_behaviour():
+    # spatial_averaging and block_length default to today's rule in functional.adahessian.
+    lists, estimate = cases.problem(torch.float64, hessian_step=True, kept=False, n_samples=1, channels_last=False)
+    options = cases.core_options(1, 1.0, True)
+    a = cases.run_functional("reference", lists, estimate, **options)
+    b = cases.run_functional("reference", lists, estimate, **options, spatial_averaging="conv2d", block_length=1)
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+    assert functional  # the module under test
