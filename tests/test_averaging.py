@@ -129,3 +129,14 @@ def test_functional_defaults_are_the_seed_behaviour():
     b = cases.run_functional("reference", lists, estimate, **options, spatial_averaging="conv2d", block_length=1)
     assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
     assert functional  # the module under test
+
+
+def test_a_state_dict_saved_without_the_settings_loads_with_the_defaults():
+    p = torch.nn.Parameter(torch.ones(8))
+    opt = AdaHessian([p], backend="reference")
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["spatial_averaging"], group["block_length"]
+    fresh = AdaHessian([torch.nn.Parameter(torch.ones(8))], backend="reference")
+    fresh.load_state_dict(saved)
+    assert fresh.spatial_averaging == "conv2d" and fresh.block_length == 1
