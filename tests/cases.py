@@ -115,6 +115,14 @@ def averaging_shapes(options):
     return OFFICIAL_SHAPES if options.get("spatial_averaging") == "official" else AVERAGING_SHAPES
 
 
+def averaging_problem(dtype, case, core):
+    """The functional core's problem for averaging option ``case`` (AVERAGING_OPTIONS) and
+    core case ``core`` (CORE_CASES), channels-last: (lists, estimate, options)."""
+    options = dict(core_options(CORE_CASES[core]["n_samples"], 0.5, False), **AVERAGING_OPTIONS[case])
+    lists, estimate = problem(dtype, channels_last=True, shapes=averaging_shapes(options), **CORE_CASES[core])
+    return lists, estimate, options
+
+
 def core_options(n_samples, hessian_power, average_conv_kernel):
     """functional.adahessian's options for the core cases (weight decay on)."""
     return dict(

@@ -51,9 +51,7 @@ def test_the_official_rule_groups():
 @pytest.mark.parametrize("case", list(cases.AVERAGING_OPTIONS))
 @pytest.mark.parametrize("core", ["hessian step, D kept, 3 samples", "step with the kept D"])
 def test_fused_matches_the_reference(dtype, case, core, fused_kernels):
-    options = dict(cases.core_options(cases.CORE_CASES[core]["n_samples"], 0.5, False), **cases.AVERAGING_OPTIONS[case])
-    lists, estimate = cases.problem(dtype, channels_last=True, shapes=cases.averaging_shapes(options),
-                                    **cases.CORE_CASES[core])
+    lists, estimate, options = cases.averaging_problem(dtype, case, core)
     want = cases.run_functional("reference", lists, estimate, **options)
     got = cases.run_functional("fused", lists, estimate, **options)
     cases.assert_functional_close(got, want, lists, options)

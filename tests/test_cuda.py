@@ -138,9 +138,7 @@ def test_functional_step_matches_the_reference(target, dtype, case, hessian_powe
 def test_spatial_averaging_matches_the_reference(target, dtype, case, core):
     # The official rule and blocks (tests/test_averaging.py): groups of every length, in
     # channels-last tensors too, through the CUDA kernels' group reduction.
-    options = dict(cases.core_options(cases.CORE_CASES[core]["n_samples"], 0.5, False), **cases.AVERAGING_OPTIONS[case])
-    lists, estimate = cases.problem(dtype, channels_last=True, shapes=cases.averaging_shapes(options),
-                                    **cases.CORE_CASES[core])
+    lists, estimate, options = cases.averaging_problem(dtype, case, core)
     want = cases.run_functional("reference", lists, estimate, **options)
     got = cases.run_functional("fused", target.to(lists), target.to(estimate), **target.to(options))
     cases.assert_functional_close(got, want, lists, options)
