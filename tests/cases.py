@@ -145,20 +145,39 @@ def relayout(t):
     return t.t().contiguous().t() if t.dim() == 2 else t
 
 
-def in_place_step_matches(device, kernels):
-    """The fused step (kernels.fused_step_) on channels-last and column-major tensors,
-    without conv-kernel averaging: processed in memory order, in place (the profiler
-    sees no copy), with the result of the same step on contiguous tensors, bit for bit."""
-    lists, estimate = problem(torch.float32, hessian_step=True, kept=True, n_samples=2, channels_last=False,
-                              difference=True)
+# Spatial averaging options and shapes the fused step processes in place (host.h,
+# group_stride_of), channels-last and column-major: averaging groups that interleave in
+# memory (a conv weight's kh*kw groups in_channels apart, a column-major matrix's rows or
+# blocks). Blocks of interleaved groups (group * stride elements) up to the CPU's whole-
+# block limit (16,384) and past it, past a work item (65,536; also 8,000 small blocks),
+# with more groups side by side than a column tile (2,000 > 512) and fewer than a vector
+# (3); groups longer than a summation segment (49, 700, 1,000).
+IN_PLACE_CASES = {
+    "no averaging": (dict(average_conv_kernel=False), SHAPES),
+    "conv kernels": (dict(average_conv_kernel=True), [(4, 3, 3, 3), (1000, 8, 3, 3), (2, 600, 3, 3), (4, 6, 7, 7),
+                                                       (2, 2000, 3, 3), (2, 8000, 3, 3), (5, 2, 1, 1), (3, 700)]),
+    "official": (dict(spatial_averaging="official"),
+                 [(3, 700), (20, 1000), (4, 6, 7, 7), (1000, 8, 3, 3), (5, 2, 1, 1)]),
+    "block 4": (dict(block_length=4), [(3, 700), (2, 2, 4, 4), (6, 5, 3, 4)]),
+}
+
+
+def in_place_step_matches(device, kernels, case, dtype):
+    """The fused step (kernels.fused_step_) on channels-last and column-major tensors
+    (IN_PLACE_CASES[case]): processed in memory order, in place (the profiler sees no
+    copy), with the result of the same step on contiguous tensors, bit for bit."""
+    averaging, shapes = IN_PLACE_CASES[case]
+    lists, estimate = problem(dtype, hessian_step=True, kept=True, n_samples=2, channels_last=False,
+                              difference=True, shapes=shapes)
     names = ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians")
     contiguous = to(device, [lists[k] for k in names] + [estimate.hzs, estimate.bases, estimate.partial_sums])
     relaid = [[relayout(t) for t in ts] for ts in contiguous]
-    assert sum(not t.is_contiguous() for t in relaid[0]) >= 2  # (3, 700) column-major, (4, 3, 3, 3) channels-last
+    assert sum(not t.is_contiguous() for t in relaid[0]) >= 2
     pointers = [[t.data_ptr() for t in ts] for ts in relaid]
     options = dict(keys=estimate.keys, steps=lists["state_steps"], lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8,
-                   weight_decay=0.1, hessian_power=1.0, n_samples=2, inv_step=estimate.inv_step,
-                   average_conv_kernel=False)
+                   weight_decay=0.1, hessian_power=1.0, n_samples=2, inv_step=estimate.inv_step, **averaging)
+    options.setdefault("average_conv_kernel", False)
+    before = [t.clone() for t in contiguous[0]]
     kernels.fused_step_(*contiguous, **options)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         kernels.fused_step_(*relaid, **options)
@@ -167,6 +186,8 @@ def in_place_step_matches(device, kernels):
     assert [[t.data_ptr() for t in ts] for ts in relaid] == pointers
     for got, want in zip(relaid, contiguous):
         assert all(torch.equal(g, w) and g.stride() == relayout(w).stride() for g, w in zip(got, want))
+    # The step moved the parameters: the comparison above is not between two untouched copies.
+    assert not any(torch.equal(a, b) for a, b in zip(contiguous[0], before))
 
 
 STATE = dict(params="param", exp_avgs="exp_avg", exp_hessian_diag_sqs="exp_hessian_diag_sq", hessians="hessian")

@@ -215,8 +215,11 @@ def test_averaged_d_is_bit_identical_to_the_cpu_kernels(target, shape):
     assert torch.allclose(d.double(), want, rtol=shape[2] * shape[3] * 2.0**-24, atol=0)
 
 
-def test_dense_non_contiguous_tensors_are_stepped_in_place(target):
-    cases.in_place_step_matches(target.device, backends.fused.kernels([torch.empty(0, device=target.device)]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=cases.dtype_name)
+@pytest.mark.parametrize("case", list(cases.IN_PLACE_CASES))
+def test_dense_non_contiguous_tensors_are_stepped_in_place(target, case, dtype):
+    kernels = backends.fused.kernels([torch.empty(0, device=target.device)])
+    cases.in_place_step_matches(target.device, kernels, case, dtype)
 
 
 def test_thread_order_changes_no_bit(emulator):
@@ -355,6 +358,11 @@ def test_logical_indices_past_2_to_the_31_and_32():
     out = torch.empty(BIG, dtype=torch.bfloat16, device=CUDA)
     torch.ops.adahessian.rademacher_([out], [77])
     _assert_z_in_windows(out, 77)
+    del out
+    # Column-major: the logical index of a memory offset past 2^32 (64-bit division there).
+    out = torch.empty(2, BIG // 2, dtype=torch.bfloat16, device=CUDA).t()
+    torch.ops.adahessian.rademacher_([out], [80])
+    _assert_z_in_windows(out.contiguous().view(-1), 80)
     del out
     # accumulate_hessian_: partial_sum += z * 1, from zero.
     hz = torch.ones(BIG, dtype=torch.bfloat16, device=CUDA)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from adahessian import functional, sampler
-from cases import (ALL_DTYPES, CORE_CASES, CPU, INV_STEP, OPCHECK_CASES, PER_STEP, SIZES, STEPS, TRAJECTORIES,
-                   assert_functional_close, core_options, in_place_step_matches, per_step_case, per_step_id, problem,
+from cases import (ALL_DTYPES, CORE_CASES, CPU, dtype_name, INV_STEP, OPCHECK_CASES, PER_STEP, SIZES, STEPS, TRAJECTORIES,
+                   IN_PLACE_CASES, assert_functional_close, core_options, in_place_step_matches, per_step_case, per_step_id, problem,
                    relayout, run_functional, steps_from_identical_state, trajectories_match)
 
 # Every test here runs the compiled CPU kernels or checks how they load: skipped, saying
@@ -87,8 +87,10 @@ def test_functional_step_matches_the_reference(dtype, case, hessian_power, avera
     assert_functional_close(got, want, lists, options)
 
 
-def test_dense_non_contiguous_tensors_are_stepped_in_place():
-    in_place_step_matches(CPU, ops())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+@pytest.mark.parametrize("case", list(IN_PLACE_CASES))
+def test_dense_non_contiguous_tensors_are_stepped_in_place(case, dtype):
+    in_place_step_matches(CPU, ops(), case, dtype)
 
 
 def test_accumulate_and_rademacher_work_in_place_on_dense_layouts():

@@ -48,14 +48,46 @@ inline void for_each_vector(int64_t n, const F& f) {
   if (k < n) f(k, n - k);
 }
 
+// rademacher_base(key, index) for indices met in any order, recomputed only where the
+// index's high half changes (in a tensor of fewer than 2^32 elements: never).
+struct Bases {
+  explicit Bases(uint32_t key) : key(key) {}
+  uint32_t operator()(uint64_t index) {
+    if ((index >> 32) != high) {
+      high = index >> 32;
+      base = rademacher_base(key, index);
+    }
+    return base;
+  }
+  uint32_t key;
+  uint64_t high = ~uint64_t{0};
+  uint32_t base = 0;
+};
+
 // z of the elements at memory offsets first .. first + count - 1 of a tensor stored in
 // `order`, for the vector with this key.
 template <typename T>
 void rademacher_fill(T* out, uint32_t key, int64_t first, int64_t count, const MemoryOrder& order) {
-  if (order.dims != 0) {  // logical indices jump: one base per element
-    for (int64_t k = 0; k < count; ++k) {
-      const uint64_t index = order.logical(first + k);
-      out[k] = rademacher_sign<T>(rademacher_base(key, index), index);
+  if (order.dims != 0) {
+    // Along the innermost memory dimension the logical index grows by a fixed step, so
+    // one logical() per run of it.
+    const int64_t run_length = order.sizes[order.dims - 1], step = order.logical_strides[order.dims - 1];
+    Bases bases(key);
+    for (int64_t k = 0; k < count;) {
+      const int64_t run = std::min(count - k, run_length - (first + k) % run_length);
+      const uint64_t start = order.logical(first + k);
+      if (order.narrow) {  // every index below 2^32: one base, and 32-bit arithmetic that vectorises
+        const uint32_t base = bases(0), low = static_cast<uint32_t>(start), step32 = static_cast<uint32_t>(step);
+        for (int64_t j = 0; j < run; ++j) {
+          out[k + j] = rademacher_sign<T>(base, low + static_cast<uint32_t>(j) * step32);
+        }
+      } else {
+        for (int64_t j = 0; j < run; ++j) {
+          const uint64_t index = start + j * step;
+          out[k + j] = rademacher_sign<T>(bases(index), index);
+        }
+      }
+      k += run;
     }
     return;
   }
@@ -74,7 +106,7 @@ template <typename F>
 void parallel_over(const std::vector<WorkItem>& items, const F& f) {
   const auto count = static_cast<int64_t>(items.size());
   int64_t elements = 0;
-  for (const auto& w : items) elements += w.end - w.begin;
+  for (const auto& w : items) elements += w.elements;
   // Items per thread at least, so that each thread gets about kGrain elements or more.
   const int64_t grain = std::max<int64_t>(1, count * kGrain / std::max<int64_t>(1, elements));
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
@@ -103,15 +135,12 @@ struct HzTile {
   at::opmath_type<scalar_t> inv_step;
 };
 
-// out = hessian_estimate(z, Hz, partial_sum or 0, n_samples) over the tile of
-// n elements at memory offset `start`; z is generated into z_scratch, which may be out;
-// hz_scratch and base_scratch hold converted low-precision operands.
+// out = hessian_estimate(z, Hz, partial_sum or 0, n_samples) over n elements, given z
+// (which may be out); hz_scratch and base_scratch hold converted low-precision operands.
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
-void estimate_tile(uint32_t key, const MemoryOrder& order, int64_t start, int64_t n, const HzTile<scalar_t>& hz,
-                   const opmath_t* partial_sum, opmath_t n_samples, opmath_t* z_scratch, opmath_t* hz_scratch,
-                   opmath_t* base_scratch, opmath_t* out) {
+void estimate_from_z(int64_t n, const opmath_t* z_scratch, const HzTile<scalar_t>& hz, const opmath_t* partial_sum,
+                     opmath_t n_samples, opmath_t* hz_scratch, opmath_t* base_scratch, opmath_t* out) {
   using Vec = Vectorized<opmath_t>;
-  rademacher_fill(z_scratch, key, start, n, order);
   const opmath_t* h = as_opmath(hz.hz, hz_scratch, n);
   const opmath_t* b = hz.base ? as_opmath(hz.base, base_scratch, n) : nullptr;
   const Vec samples(n_samples), zero(0), inv_step(hz.inv_step);
@@ -121,6 +150,16 @@ void estimate_tile(uint32_t key, const MemoryOrder& order, int64_t start, int64_
     if (b) hzv = difference_quotient(hzv, Vec::loadu(b + k, m), inv_step);
     hessian_estimate(Vec::loadu(z_scratch + k, m), hzv, sum, samples).store(out + k, m);
   });
+}
+
+// estimate_from_z over the tile of n elements at memory offset `start`, its z generated
+// into z_scratch.
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+void estimate_tile(uint32_t key, const MemoryOrder& order, int64_t start, int64_t n, const HzTile<scalar_t>& hz,
+                   const opmath_t* partial_sum, opmath_t n_samples, opmath_t* z_scratch, opmath_t* hz_scratch,
+                   opmath_t* base_scratch, opmath_t* out) {
+  rademacher_fill(z_scratch, key, start, n, order);
+  estimate_from_z(n, z_scratch, hz, partial_sum, n_samples, hz_scratch, base_scratch, out);
 }
 
 // ------------------------------------------------------------------------ rademacher_
@@ -214,43 +253,98 @@ struct StepTensor {
   StepCoefficients<double> coefficients;
 };
 
+// A step's view of one tensor: raw pointers and the vector-typed coefficients.
+template <typename scalar_t>
+struct StepPointers {
+  using opmath_t = at::opmath_type<scalar_t>;
+  explicit StepPointers(const StepTensor& t)
+      : c(rounded<opmath_t, Vectorized<opmath_t>>(t.coefficients)),
+        param(t.param.data_ptr<scalar_t>()),
+        grad(t.grad.const_data_ptr<scalar_t>()),
+        exp_avg(t.exp_avg.data_ptr<opmath_t>()),
+        exp_hessian_diag_sq(t.exp_hessian_diag_sq.data_ptr<opmath_t>()),
+        hessian(t.hessian.defined() ? t.hessian.data_ptr<opmath_t>() : nullptr),
+        hz(t.hz.defined() ? t.hz.const_data_ptr<scalar_t>() : nullptr),
+        base(t.base.defined() ? t.base.const_data_ptr<scalar_t>() : nullptr),
+        partial_sum(t.partial_sum.defined() ? t.partial_sum.const_data_ptr<opmath_t>() : nullptr) {}
+  StepCoefficients<Vectorized<opmath_t>> c;
+  scalar_t* param;
+  const scalar_t* grad;
+  opmath_t* exp_avg;
+  opmath_t* exp_hessian_diag_sq;
+  opmath_t* hessian;
+  const scalar_t* hz;
+  const scalar_t* base;
+  const opmath_t* partial_sum;
+
+  // The operands of Hz at memory offset `start`.
+  HzTile<scalar_t> hz_at(int64_t start, double inv_step) const {
+    return {hz + start, base ? base + start : nullptr, static_cast<opmath_t>(inv_step)};
+  }
+};
+
+// The rows of a Scratch.
+enum class Row { d, hz, base, param, grad, segment, sum };
+
+// Scratch for one tile of n elements, uninitialised (written before read).
+template <typename opmath_t>
+struct Scratch {
+  explicit Scratch(int64_t n) : memory(new opmath_t[7 * n]), tile(n) {}
+  opmath_t* at(Row row) const { return memory.get() + static_cast<int>(row) * tile; }
+  std::unique_ptr<opmath_t[]> memory;
+  int64_t tile;
+};
+
+// Steps 3-5 (weight decay, moments, bias correction, the update) of the n elements at
+// memory offset start, given their D, in one sweep.
+template <typename scalar_t, Power power, typename opmath_t = at::opmath_type<scalar_t>>
+void update_run(const StepPointers<scalar_t>& s, int64_t start, int64_t n, const opmath_t* d,
+                const Scratch<opmath_t>& scratch) {
+  using Vec = Vectorized<opmath_t>;
+  opmath_t* p = scratch.at(Row::param);
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    p = s.param + start;
+  } else {
+    at::vec::convert(s.param + start, p, n);
+  }
+  const opmath_t* g = as_opmath(s.grad + start, scratch.at(Row::grad), n);
+  opmath_t* m1 = s.exp_avg + start;
+  opmath_t* m2 = s.exp_hessian_diag_sq + start;
+  for_each_vector<Vec>(n, [&](int64_t k, int64_t m) {
+    Vec pv = Vec::loadu(p + k, m), m1v = Vec::loadu(m1 + k, m), m2v = Vec::loadu(m2 + k, m);
+    adahessian_update<power, VecMath>(pv, m1v, m2v, Vec::loadu(g + k, m), Vec::loadu(d + k, m), s.c);
+    pv.store(p + k, m);
+    m1v.store(m1 + k, m);
+    m2v.store(m2 + k, m);
+  });
+  if constexpr (!std::is_same_v<scalar_t, opmath_t>) {
+    at::vec::convert(p, s.param + start, n);  // the one rounding of a low-precision parameter
+  }
+}
+
+// The elements [begin, end) of a tensor whose averaging groups are runs of memory, tile
+// by tile.
 template <typename scalar_t, Power power>
 void step_chunk(const StepTensor& t, double n_samples, double inv_step, int64_t begin, int64_t end) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<opmath_t>;
-  const auto c = rounded<opmath_t, Vec>(t.coefficients);
-  const auto [average, group] = t.averaging;
-
+  const StepPointers<scalar_t> s(t);
+  const bool average = t.averaging.average;
+  const int64_t group = t.averaging.group;
   // Tiles hold whole averaging groups; a group larger than kTile makes the tile larger.
   const int64_t tile = std::max<int64_t>(1, kTile / group) * group;
-  std::unique_ptr<opmath_t[]> scratch(new opmath_t[5 * tile]);  // uninitialised: written before read
-  opmath_t* d_tile = scratch.get();  // z, then D
-  opmath_t* hz_scratch = d_tile + tile;
-  opmath_t* base_scratch = hz_scratch + tile;
-  opmath_t* param_scratch = base_scratch + tile;
-  opmath_t* grad_scratch = param_scratch + tile;
-
-  scalar_t* param = t.param.data_ptr<scalar_t>();
-  const scalar_t* grad = t.grad.const_data_ptr<scalar_t>();
-  opmath_t* exp_avg = t.exp_avg.data_ptr<opmath_t>();
-  opmath_t* exp_hessian_diag_sq = t.exp_hessian_diag_sq.data_ptr<opmath_t>();
-  opmath_t* hessian = t.hessian.defined() ? t.hessian.data_ptr<opmath_t>() : nullptr;
-  const scalar_t* hz = t.hz.defined() ? t.hz.const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* base = t.base.defined() ? t.base.const_data_ptr<scalar_t>() : nullptr;
-  const opmath_t* partial_sum = t.partial_sum.defined() ? t.partial_sum.const_data_ptr<opmath_t>() : nullptr;
+  const Scratch<opmath_t> scratch(tile);
+  opmath_t* d_tile = scratch.at(Row::d);  // z, then D
 
   for (int64_t start = begin; start < end; start += tile) {
     const int64_t n = std::min(tile, end - start);
-
     // 1. D: this step's estimate, or the kept one.
-    const opmath_t* d = hessian ? hessian + start : nullptr;
-    if (hz) {
-      const HzTile<scalar_t> tile_hz{hz + start, base ? base + start : nullptr, static_cast<opmath_t>(inv_step)};
-      estimate_tile(t.key, t.order, start, n, tile_hz, partial_sum ? partial_sum + start : nullptr,
-                    opmath_t(n_samples), d_tile, hz_scratch, base_scratch, d_tile);
+    const opmath_t* d = s.hessian ? s.hessian + start : nullptr;
+    if (s.hz) {
+      estimate_tile(t.key, t.order, start, n, s.hz_at(start, inv_step), s.partial_sum ? s.partial_sum + start : nullptr,
+                    opmath_t(n_samples), d_tile, scratch.at(Row::hz), scratch.at(Row::base), d_tile);
       d = d_tile;
     }
-    // 2. Conv-kernel averaging: each group's mean of |D|.
+    // 2. Spatial averaging: each group's mean of |D|.
     if (average) {
       for (int64_t g = 0; g < n; g += group) {
         const opmath_t mean = group_mean_abs<opmath_t>(group, [&](int64_t k) { return d[g + k]; });
@@ -258,28 +352,98 @@ void step_chunk(const StepTensor& t, double n_samples, double inv_step, int64_t 
       }
       d = d_tile;
     }
-    if (hz && hessian) std::memcpy(hessian + start, d, n * sizeof(opmath_t));
+    if (s.hz && s.hessian) std::memcpy(s.hessian + start, d, n * sizeof(opmath_t));
+    update_run<scalar_t, power>(s, start, n, d, scratch);
+  }
+}
 
-    // 3-5. Weight decay, moments, bias correction and the update, in one sweep.
-    opmath_t* p = param_scratch;
-    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-      p = param + start;
+// Groups interleaved in memory, as whole blocks: block b (its stride groups, b * group *
+// stride .. + group * stride) is one run of memory, in place of a tile. Larger blocks go
+// column by column (kTile groups at a time), which needs less scratch.
+constexpr int64_t kBlock = 1 << 14;
+
+// The groups [begin, end) of a tensor whose averaging groups interleave in memory
+// (Averaging::stride > 1; group q = b * stride + j has its k-th element at memory offset
+// (b * group + k) * stride + j, host.h): n groups of one b side by side, one vector lane
+// each, row k (their k-th elements, a run of memory) by row k. D of the rows, each
+// row's |D| added to the groups' sums in math.h's order, then the update of each row
+// with the groups' means.
+template <typename scalar_t, Power power>
+void step_interleaved_chunk(const StepTensor& t, double n_samples, double inv_step, int64_t begin, int64_t end) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<opmath_t>;
+  const StepPointers<scalar_t> s(t);
+  const int64_t group = t.averaging.group, stride = t.averaging.stride;
+  const int64_t block = group * stride;
+  const bool whole_blocks = block <= kBlock;
+  TORCH_INTERNAL_ASSERT(!whole_blocks || (begin % stride == 0 && end % stride == 0),
+                        "adahessian: a work item splits a block of interleaved groups");
+  const Scratch<opmath_t> scratch(std::max(kTile, whole_blocks ? block : kTile));
+  opmath_t* d_tile = scratch.at(Row::d);  // D of the rows at d_tile + k * n, then the means
+  opmath_t* segment = scratch.at(Row::segment);
+  opmath_t* mean = scratch.at(Row::sum);  // the sums, then the means
+  uint64_t index[kTile];  // by column tiles: the logical index of each group's first element
+  Bases bases(t.key);
+
+  for (int64_t q = begin; q < end;) {
+    const int64_t b = q / stride, j = q - b * stride;
+    const int64_t n = whole_blocks ? stride : std::min({end - q, stride - j, kTile});
+    const int64_t first = b * block + j;  // of row 0
+    // This step's D: of a whole block in one call (row k at d_tile + k * n), of a column
+    // tile row by row below (z at index + k: a group's elements are consecutive in
+    // logical order).
+    if (s.hz && whole_blocks) {
+      estimate_tile(t.key, t.order, first, block, s.hz_at(first, inv_step),
+                    s.partial_sum ? s.partial_sum + first : nullptr, opmath_t(n_samples), d_tile, scratch.at(Row::hz),
+                    scratch.at(Row::base), d_tile);
+    } else if (s.hz) {
+      const int64_t run_length = t.order.sizes[t.order.dims - 1], step = t.order.logical_strides[t.order.dims - 1];
+      for (int64_t c = 0; c < n;) {  // as rademacher_fill: one logical() per innermost run
+        const int64_t run = std::min(n - c, run_length - (first + c) % run_length);
+        const uint64_t start = t.order.logical(first + c);
+        for (int64_t r = 0; r < run; ++r) index[c + r] = start + r * step;
+        c += run;
+      }
+    }
+    std::fill(segment, segment + n, opmath_t(0));
+    std::fill(mean, mean + n, opmath_t(0));
+    for (int64_t k = 0; k < group; ++k) {
+      if (s.hz && !whole_blocks) {
+        opmath_t* d_row = d_tile;  // one row at a time
+        const int64_t row = first + k * stride;
+        if (t.order.narrow) {  // as in rademacher_fill
+          const uint32_t base = bases(0), k32 = static_cast<uint32_t>(k);
+          for (int64_t c = 0; c < n; ++c) {
+            d_row[c] = rademacher_sign<opmath_t>(base, static_cast<uint32_t>(index[c]) + k32);
+          }
+        } else {
+          for (int64_t c = 0; c < n; ++c) d_row[c] = rademacher_sign<opmath_t>(bases(index[c] + k), index[c] + k);
+        }
+        estimate_from_z(n, d_row, s.hz_at(row, inv_step), s.partial_sum ? s.partial_sum + row : nullptr,
+                        opmath_t(n_samples), scratch.at(Row::hz), scratch.at(Row::base), d_row);
+      }
+      const opmath_t* d = !s.hz ? s.hessian + first + k * stride : whole_blocks ? d_tile + k * n : d_tile;
+      for_each_vector<Vec>(n, [&](int64_t c, int64_t m) {
+        Vec seg = Vec::loadu(segment + c, m), sum = Vec::loadu(mean + c, m);
+        add_to_group_sum(k, group, Vec::loadu(d + c, m).abs(), seg, sum);
+        seg.store(segment + c, m);
+        sum.store(mean + c, m);
+      });
+    }
+    const Vec size(static_cast<opmath_t>(group));
+    for_each_vector<Vec>(n, [&](int64_t c, int64_t m) { (Vec::loadu(mean + c, m) / size).store(mean + c, m); });
+    if (whole_blocks) {  // the means row by row: the block's averaged D, then one sweep
+      for (int64_t k = 0; k < group; ++k) std::memcpy(d_tile + k * n, mean, n * sizeof(opmath_t));
+      if (s.hz && s.hessian) std::memcpy(s.hessian + first, d_tile, block * sizeof(opmath_t));
+      update_run<scalar_t, power>(s, first, block, d_tile, scratch);
     } else {
-      at::vec::convert(param + start, p, n);
+      for (int64_t k = 0; k < group; ++k) {
+        const int64_t row = first + k * stride;
+        if (s.hz && s.hessian) std::memcpy(s.hessian + row, mean, n * sizeof(opmath_t));
+        update_run<scalar_t, power>(s, row, n, mean, scratch);
+      }
     }
-    const opmath_t* g = as_opmath(grad + start, grad_scratch, n);
-    opmath_t* m1 = exp_avg + start;
-    opmath_t* m2 = exp_hessian_diag_sq + start;
-    for_each_vector<Vec>(n, [&](int64_t k, int64_t m) {
-      Vec pv = Vec::loadu(p + k, m), m1v = Vec::loadu(m1 + k, m), m2v = Vec::loadu(m2 + k, m);
-      adahessian_update<power, VecMath>(pv, m1v, m2v, Vec::loadu(g + k, m), Vec::loadu(d + k, m), c);
-      pv.store(p + k, m);
-      m1v.store(m1 + k, m);
-      m2v.store(m2 + k, m);
-    });
-    if constexpr (!std::is_same_v<scalar_t, opmath_t>) {
-      at::vec::convert(p, param + start, n);  // the one rounding of a low-precision parameter
-    }
+    q += n;
   }
 }
 
@@ -297,16 +461,16 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 
   ContiguousViews views;
   std::vector<StepTensor> tensors;
-  std::vector<int64_t> numel, group;
+  std::vector<int64_t> numel, group, stride;
   for (size_t i = 0; i < count; ++i) {
     const Tensor& p = params[i];
     TORCH_CHECK(p.device().is_cpu(), "adahessian::fused_step_: params must be CPU tensors");
     check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums);
     StepTensor t;
-    t.averaging = averaging_of(p, average_conv_kernel, spatial_averaging, block_length);
-    const auto order = in_place_order(step_tensors_of(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs,
-                                                      bases, partial_sums),
-                                      t.averaging.group);
+    const auto [averaging, order] = step_layout_of(
+        step_tensors_of(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums),
+        average_conv_kernel, spatial_averaging, block_length);
+    t.averaging = averaging;
     t.order = order.value_or(MemoryOrder{});
     t.param = views.write(p, order);
     t.grad = views.read(grads[i], order);
@@ -324,15 +488,20 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     t.coefficients = step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power);
     numel.push_back(p.numel());
     group.push_back(t.averaging.group);
+    stride.push_back(t.averaging.stride);
     tensors.push_back(std::move(t));
   }
 
-  const auto items = work_items(numel, group);
+  const auto items = work_items(numel, group, stride);
   parallel_over(items, [&](const WorkItem& w) {
     const StepTensor& t = tensors[w.tensor];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.param.scalar_type(), "fused_step_", [&] {
       dispatch_power(power, [&](auto p) {
-        step_chunk<scalar_t, decltype(p)::value>(t, n_samples, inv_step, w.begin, w.end);
+        if (t.averaging.stride > 1) {
+          step_interleaved_chunk<scalar_t, decltype(p)::value>(t, n_samples, inv_step, w.begin, w.end);
+        } else {
+          step_chunk<scalar_t, decltype(p)::value>(t, n_samples, inv_step, w.begin, w.end);
+        }
       });
     });
   });

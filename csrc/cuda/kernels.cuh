@@ -119,11 +119,15 @@ void check_device(const Tensor& t, const at::Device& device, const char* what) {
 
 // Splits the tensors into chunks of whole groups, uploads the table and calls
 // launch(table) to start one block per chunk.
+// (work_items: a chunk's bounds are memory offsets, or group indices where stride > 1).
 template <typename Runtime, typename Meta, typename Launch>
 void launch_over_chunks(const std::vector<Meta>& metas, const std::vector<int64_t>& numel,
-                        const std::vector<int64_t>& group, const at::Device& device, const Launch& launch) {
+                        const std::vector<int64_t>& group, const at::Device& device, const Launch& launch,
+                        const std::vector<int64_t>& stride = {}) {
   std::vector<Chunk> chunks;
-  for (const auto& w : work_items(numel, group)) chunks.push_back({static_cast<int32_t>(w.tensor), w.begin, w.end});
+  for (const auto& w : work_items(numel, group, stride)) {
+    chunks.push_back({static_cast<int32_t>(w.tensor), w.begin, w.end});
+  }
   if (chunks.empty()) return;
   const Table<Runtime, Meta> table(metas, chunks, device);
   launch(table);
@@ -160,11 +164,16 @@ struct FillMeta {
   MemoryOrder order;
 };
 
+// z of the element at this logical index.
+template <typename T>
+__device__ inline T rademacher_of(uint32_t key, int64_t index) {
+  return rademacher_sign<T>(rademacher_base(key, index), index);
+}
+
 // z of the element at memory offset i of a tensor stored in `order`.
 template <typename T>
 __device__ inline T rademacher_at(uint32_t key, const MemoryOrder& order, int64_t i) {
-  const int64_t index = order.logical(i);
-  return rademacher_sign<T>(rademacher_base(key, index), index);
+  return rademacher_of<T>(key, order.logical(i));
 }
 
 template <typename scalar_t>
@@ -288,13 +297,19 @@ __device__ inline opmath_t hz_of(const StepMeta<scalar_t>& t, scalar_t hz, scala
   return t.base ? difference_quotient<opmath_t>(hz, base, s.inv_step) : static_cast<opmath_t>(hz);
 }
 
-// D at element i: this step's estimate, or the kept one.
+// D at memory offset i, logical index `index`: this step's estimate, or the kept one.
 template <typename scalar_t, typename opmath_t>
-__device__ inline opmath_t estimate_at(const StepMeta<scalar_t>& t, int64_t i, const StepScalars<opmath_t>& s) {
+__device__ inline opmath_t estimate_at(const StepMeta<scalar_t>& t, int64_t i, int64_t index,
+                                       const StepScalars<opmath_t>& s) {
   if (t.hz == nullptr) return t.hessian[i];
-  const opmath_t z = rademacher_at<opmath_t>(t.key, t.order, i);
+  const opmath_t z = rademacher_of<opmath_t>(t.key, index);
   const opmath_t sum = t.partial_sum ? t.partial_sum[i] : opmath_t(0);
   return hessian_estimate<opmath_t>(z, hz_of(t, t.hz[i], t.base ? t.base[i] : scalar_t(0), s), sum, s.n_samples);
+}
+
+template <typename scalar_t, typename opmath_t>
+__device__ inline opmath_t estimate_at(const StepMeta<scalar_t>& t, int64_t i, const StepScalars<opmath_t>& s) {
+  return estimate_at(t, i, t.hz == nullptr ? 0 : t.order.logical(i), s);
 }
 
 template <Power power, typename scalar_t, typename opmath_t>
@@ -433,6 +448,28 @@ __device__ inline void averaged_chunk(const StepMeta<scalar_t>& t, const Chunk& 
   }
 }
 
+// Averaging groups interleaved in memory (Averaging::stride > 1, a channels-last conv
+// weight's): the chunk's bounds are group indices q = b * stride + j, whose k-th element
+// lies at memory offset (b * group + k) * stride + j (host.h). A thread takes a whole
+// group, summing |D| in math.h's order and then updating its elements with the mean; the
+// threads of a warp take consecutive j, so at every k they read consecutive addresses.
+template <Power power, typename scalar_t, typename opmath_t>
+__device__ inline void interleaved_chunk(const StepMeta<scalar_t>& t, const Chunk& ch,
+                                         const StepScalars<opmath_t>& scalars, const StepCoefficients<opmath_t>& c) {
+  const int64_t group = t.averaging.group, stride = t.averaging.stride;
+  each_thread([&](int64_t thread) {
+    for (int64_t q = ch.begin + thread; q < ch.end; q += blockDim.x) {
+      const int64_t b = q / stride;
+      const int64_t first = b * group * stride + (q - b * stride);
+      // A group's elements are consecutive in logical order: element k's index is index + k.
+      const int64_t index = t.hz == nullptr ? 0 : t.order.logical(first);
+      const opmath_t mean = group_mean_abs<opmath_t>(
+          group, [&](int64_t k) { return estimate_at(t, first + k * stride, index + k, scalars); });
+      for (int64_t k = 0; k < group; ++k) update_at<power>(t, first + k * stride, mean, c);
+    }
+  });
+}
+
 template <Power power, typename scalar_t>
 __global__ void fused_step_kernel(const StepMeta<scalar_t>* metas, const Chunk* chunks,
                                   StepScalars<at::opmath_type<scalar_t>> scalars) {
@@ -441,6 +478,10 @@ __global__ void fused_step_kernel(const StepMeta<scalar_t>* metas, const Chunk* 
   const StepMeta<scalar_t> t = metas[ch.tensor];
   const StepCoefficients<opmath_t> c = t.coefficients;
 
+  if (t.averaging.stride > 1) {
+    interleaved_chunk<power>(t, ch, scalars, c);
+    return;
+  }
   if (t.averaging.average && t.averaging.group > 1) {
     averaged_chunk<power>(t, ch, scalars, c);
     return;
@@ -476,15 +517,15 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_step_", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
       std::vector<StepMeta<scalar_t>> metas;
-      std::vector<int64_t> numel, group;
+      std::vector<int64_t> numel, group, stride;
       for (const size_t i : indices) {
         const Tensor& p = params[i];
         check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums);
         StepMeta<scalar_t> t{};
-        t.averaging = averaging_of(p, average_conv_kernel, spatial_averaging, block_length);
-        const auto order = in_place_order(
+        const auto [averaging, order] = step_layout_of(
             step_tensors_of(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums),
-            t.averaging.group);
+            average_conv_kernel, spatial_averaging, block_length);
+        t.averaging = averaging;
         t.order = order.value_or(MemoryOrder{});
         t.param = views.write(p, order).data_ptr<scalar_t>();
         t.grad = views.read(grads[i], order).const_data_ptr<scalar_t>();
@@ -510,6 +551,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
         metas.push_back(t);
         numel.push_back(p.numel());
         group.push_back(t.averaging.group);
+        stride.push_back(t.averaging.stride);
       }
       const StepScalars<opmath_t> scalars{static_cast<opmath_t>(n_samples), static_cast<opmath_t>(inv_step)};
       launch_over_chunks<Runtime>(metas, numel, group, device, [&](const auto& table) {
@@ -517,7 +559,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
           Runtime::launch(fused_step_kernel<decltype(p)::value, scalar_t>, table.num_chunks, table.metas,
                           table.chunks, scalars);
         });
-      });
+      }, stride);
     });
   });
 }

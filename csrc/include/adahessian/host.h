@@ -29,19 +29,32 @@ namespace adahessian {
 // every vector width, so vectorised code sees aligned work-item starts.
 constexpr int64_t kChunk = 1 << 16;
 
+// A work item's bounds are memory offsets, or for a tensor whose averaging groups
+// interleave in memory (Averaging::stride > 1) group indices (see Averaging).
 struct WorkItem {
   size_t tensor;
   int64_t begin, end;
+  int64_t elements;
 };
 
 // Splits tensors of these sizes into work items of whole groups of `group[i]` elements
-// (conv-kernel averaging reduces over a group, so a group never straddles two items).
-inline std::vector<WorkItem> work_items(const std::vector<int64_t>& numel, const std::vector<int64_t>& group) {
+// (averaging reduces over a group, so a group never straddles two items); stride[i] as
+// in Averaging, all 1 when empty. Interleaved groups come in blocks of stride groups,
+// one run of memory (b * group * stride onwards): items hold whole blocks where a block
+// fits in one.
+inline std::vector<WorkItem> work_items(const std::vector<int64_t>& numel, const std::vector<int64_t>& group,
+                                        const std::vector<int64_t>& stride = {}) {
   std::vector<WorkItem> items;
   for (size_t i = 0; i < numel.size(); ++i) {
-    const int64_t chunk = std::max<int64_t>(1, kChunk / group[i]) * group[i];
-    for (int64_t begin = 0; begin < numel[i]; begin += chunk) {
-      items.push_back({i, begin, std::min(numel[i], begin + chunk)});
+    const bool interleaved = !stride.empty() && stride[i] > 1;
+    const int64_t block = interleaved ? group[i] * stride[i] : 0;
+    const int64_t groups = interleaved && block <= kChunk ? kChunk / block * stride[i]  // per item
+                                                          : std::max<int64_t>(1, kChunk / group[i]);
+    const int64_t unit = interleaved ? 1 : group[i];  // elements or groups, as the bounds count
+    const int64_t total = numel[i] / (interleaved ? group[i] : 1);
+    for (int64_t begin = 0; begin < total; begin += groups * unit) {
+      const int64_t end = std::min(total, begin + groups * unit);
+      items.push_back({i, begin, end, (end - begin) * (interleaved ? group[i] : 1)});
     }
   }
   return items;
@@ -58,6 +71,7 @@ inline std::optional<MemoryOrder> memory_order_of(const at::Tensor& t) {
   MemoryOrder order;
   if (t.is_contiguous()) return order;
   if (!t.is_non_overlapping_and_dense() || t.dim() > kMaxDims) return std::nullopt;
+  order.narrow = t.numel() < (int64_t{1} << 32);
   std::vector<int64_t> dims;
   for (int64_t d = 0; d < t.dim(); ++d) {
     if (t.size(d) > 1) dims.push_back(d);
@@ -82,15 +96,42 @@ inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
+// Where the groups of `group` consecutive elements in logical order (a tensor's averaging
+// groups) lie in the memory of the dense tensor t: the distance between a group's
+// consecutive elements, 1 where each group is a run of memory in logical order.
+// Otherwise groups interleave: in a channels-last conv weight (memory order O, kh, kw, I)
+// a kh*kw group's elements are I apart, I groups side by side. The general form, which
+// work items and kernels rely on: group q = b * stride + j (j < stride) has its k-th
+// element at memory offset (b * group + k) * stride + j. That holds when the group
+// spans the logical trailing dimensions (the first of them possibly in part) and these
+// are adjacent in memory in logical order; nullopt otherwise (say, a transposed kh, kw).
+inline std::optional<int64_t> group_stride_of(const at::Tensor& t, int64_t group) {
+  if (group == 1 || t.is_contiguous()) return 1;
+  int64_t covered = 1, stride = 0, next = 0;  // next: the stride the group's next dimension needs
+  for (int64_t d = t.dim() - 1; d >= 0 && covered < group; --d) {
+    const int64_t size = t.size(d), need = group / covered;
+    if (size == 1) continue;
+    if (size <= need ? need % size != 0 : size % need != 0) return std::nullopt;
+    if (stride == 0) {
+      stride = t.stride(d);
+    } else if (t.stride(d) != next) {
+      return std::nullopt;
+    }
+    next = t.stride(d) * size;
+    covered *= std::min(size, need);
+  }
+  if (covered != group) return std::nullopt;
+  return stride;
+}
+
 // The memory order in which one parameter's tensors (the undefined ones skipped) are
-// processed in place: they are dense with one layout, and not averaged over groups of
-// more than one element (in a channels-last weight a kh*kw group is spread over memory;
-// such a tensor, or tensors that disagree, are staged as contiguous copies: nullopt).
+// processed in place: they are dense with one layout in which group_stride_of places
+// its averaging groups of `group` elements. Otherwise (nullopt) they are staged as
+// contiguous copies.
 inline std::optional<MemoryOrder> in_place_order(const std::vector<at::Tensor>& tensors, int64_t group = 1) {
   const at::Tensor& first = tensors.front();
   std::optional<MemoryOrder> order = memory_order_of(first);
-  if (!order) return std::nullopt;
-  if (order->dims != 0 && group > 1) return std::nullopt;
+  if (!order || !group_stride_of(first, group)) return std::nullopt;
   for (const auto& t : tensors) {
     if (t.defined() && !same_layout(first, t)) return std::nullopt;
   }
@@ -99,8 +140,8 @@ inline std::optional<MemoryOrder> in_place_order(const std::vector<at::Tensor>& 
 
 // The kernels walk every tensor in one order per parameter: memory order for tensors
 // in_place_order accepts, else logical row-major order over contiguous copies. Such a
-// copy (of an expanded Hz, of a channels-last weight with conv-kernel averaging, of
-// tensors whose layouts disagree) is kept alive until finish(), and mutated copies are
+// copy (of an expanded Hz, of tensors whose layouts disagree, of a layout that scatters
+// an averaging group) is kept alive until finish(), and mutated copies are
 // written back there.
 class ContiguousViews {
  public:
@@ -169,7 +210,8 @@ void dispatch_power(Power power, const F& f) {
 // block_length elements of the flattened tensor.
 struct Averaging {
   bool average;
-  int64_t group;  // 1 when not averaging
+  int64_t group;       // 1 when not averaging
+  int64_t stride = 1;  // group_stride_of in the memory processed (step_layout_of sets it)
 };
 
 inline Averaging averaging_of(const at::Tensor& param, bool average_conv_kernel, c10::string_view spatial_averaging,
@@ -195,6 +237,21 @@ inline Averaging averaging_of(const at::Tensor& param, bool average_conv_kernel,
   }
   const bool average = average_conv_kernel && dim == 4;
   return {average, average ? std::max<int64_t>(1, param.size(2) * param.size(3)) : 1};
+}
+
+// One parameter's averaging, and the memory order its step processes its tensors in
+// (nullopt: contiguous copies, whose groups are runs).
+struct StepLayout {
+  Averaging averaging;
+  std::optional<MemoryOrder> order;
+};
+
+inline StepLayout step_layout_of(const std::vector<at::Tensor>& tensors, bool average_conv_kernel,
+                                 c10::string_view spatial_averaging, int64_t block_length) {
+  StepLayout layout{averaging_of(tensors.front(), average_conv_kernel, spatial_averaging, block_length), {}};
+  layout.order = in_place_order(tensors, layout.averaging.group);
+  if (layout.order) layout.averaging.stride = *group_stride_of(tensors.front(), layout.averaging.group);
+  return layout;
 }
 
 // The scalars of one tensor's update exactly as the reference path forms them, in

@@ -17,14 +17,23 @@ struct MemoryOrder {
   int dims = 0;                       // 0: memory order is the logical order
   int64_t sizes[kMaxDims];            // the dimensions of size > 1, outermost in memory first
   int64_t logical_strides[kMaxDims];  // their strides in the logical row-major order
+  bool narrow = true;                 // fewer than 2^32 elements: logical() divides in 32 bits
 
   // The logical index of the element at this memory offset (from the tensor's start).
   C10_HOST_DEVICE int64_t logical(int64_t offset) const {
     if (dims == 0) return offset;
-    int64_t index = 0;
+    // A GPU's 64-bit division is a long software routine, its 32-bit one a few instructions.
+    return narrow ? static_cast<int64_t>(logical_as<uint32_t>(static_cast<uint32_t>(offset))) : logical_as(offset);
+  }
+
+ private:
+  template <typename I>
+  C10_HOST_DEVICE I logical_as(I offset) const {
+    I index = 0;
     for (int d = dims - 1; d >= 0; --d) {
-      const int64_t outer = offset / sizes[d];
-      index += (offset - outer * sizes[d]) * logical_strides[d];
+      const I size = static_cast<I>(sizes[d]);
+      const I outer = offset / size;
+      index += (offset - outer * size) * static_cast<I>(logical_strides[d]);
       offset = outer;
     }
     return index;

@@ -104,11 +104,23 @@ C10_HOST_DEVICE inline T mean_of_segments(int64_t group, const S& seg) {
   return sum / static_cast<T>(group);
 }
 
+// The same sum fed one element at a time, k = 0 .. group - 1 in order (a thread or a
+// vector lane that walks a whole group): segment and sum start at 0; after the last
+// element, sum is what mean_of_segments adds up, rounding for rounding.
+template <typename T>
+C10_HOST_DEVICE inline void add_to_group_sum(int64_t k, int64_t group, T abs_d, T& segment, T& sum) {
+  segment = segment + abs_d;
+  if ((k + 1) % kSegment == 0 || k + 1 == group) {
+    sum = sum + segment;
+    segment = T(0);
+  }
+}
+
 template <typename T, typename D>
 C10_HOST_DEVICE inline T group_mean_abs(int64_t group, const D& d) {
-  return mean_of_segments<T>(group, [&](int64_t s) {
-    return segment_sum_abs<T>(s * kSegment, s * kSegment + kSegment < group ? s * kSegment + kSegment : group, d);
-  });
+  T segment = 0, sum = 0;
+  for (int64_t k = 0; k < group; ++k) add_to_group_sum<T>(k, group, std::abs(d(k)), segment, sum);
+  return sum / static_cast<T>(group);
 }
 
 // One element of AdaHessian's update (section 1, steps 3-5) given D, in place on
