@@ -436,9 +436,9 @@ class AdaHessian(Optimizer):
         for group in self.param_groups[1:]:
             _check_same_settings(group, first)
         settings = tuple(first[name] for name in SETTINGS)
-        if settings == self._settings:
+        if not any(map(_differs, settings, self._settings)):
             return
-        shapes_d = settings[: len(SHAPE_D)] != self._settings[: len(SHAPE_D)]
+        shapes_d = any(map(_differs, settings[: len(SHAPE_D)], self._settings[: len(SHAPE_D)]))
         self._settings = _validate_settings(first)
         if shapes_d:
             self._set_counter("hessian_origin", self._counter("optimizer_step"))
@@ -707,9 +707,14 @@ def _upgrade(state_dict: dict[str, Any], defaults: dict[str, Any]) -> dict[str, 
     return {**{k: v for k, v in state_dict.items() if k != "adahessian"}, "param_groups": groups}
 
 
+def _differs(a: Any, b: Any) -> bool:
+    """Whether two setting values differ, in type too (True == 1, yet True is no update_each)."""
+    return type(a) is not type(b) or a != b
+
+
 def _check_same_settings(group: dict[str, Any], first: dict[str, Any]) -> None:
     """ValueError unless ``group`` holds the optimizer-wide settings of ``first``."""
-    differ = [name for name in SETTINGS if group[name] != first[name]]
+    differ = [name for name in SETTINGS if _differs(group[name], first[name])]
     if differ:
         names = ", ".join(differ)
         raise ValueError(

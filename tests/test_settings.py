@@ -119,7 +119,10 @@ def test_changing_the_backend_takes_effect(first, then, monkeypatch, fused_kerne
     assert _every_parameter_moves_on_every_step(record) and set(used) == {then}
 
 
-@pytest.mark.parametrize("name,value", [("update_each", 0), ("n_samples", 0), ("backend", "cuda"), ("update_each", 1.5)])
+# True and 0 equal the defaults 1 and False: the change must still be seen.
+@pytest.mark.parametrize("name,value", [("update_each", 0), ("n_samples", 0), ("backend", "cuda"), ("update_each", 1.5),
+                                        ("update_each", True), ("n_samples", True), ("block_length", True),
+                                        ("average_conv_kernel", 0)])
 def test_an_invalid_change_raises_at_the_next_step(name, value):
     model = _model()
     opt = AdaHessian(model.parameters(), backend="reference")
