@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import random
-import re
 import sys
 from pathlib import Path
 
@@ -122,14 +121,6 @@ def _verdict(met: bool) -> str:
     return "met" if met else "**missed**"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of the results file (other sections stay)."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40)
@@ -143,7 +134,7 @@ def main(argv=None):
     section = report(sets, samples, copy_numel, command)
     print(section)
     if args.results:
-        write_section(args.results, section)
+        common.write_section(args.results, section)
 
 
 if __name__ == "__main__":

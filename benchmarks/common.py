@@ -5,6 +5,7 @@ and results files."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -227,3 +228,13 @@ def write_results(out: Path, stem: str, result: dict, markdown: str | None = Non
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     if markdown is not None:
         (out / f"{stem}.md").write_text(markdown)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace a benchmark's section of a results file (other sections stay): the
+    section's first and last lines are its markers, as in RESULTS.md."""
+    begin, end = section.splitlines()[0], section.splitlines()[-1]
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    path.write_text(text.rstrip("\n") + "\n")

@@ -9,7 +9,7 @@ import torch
 
 import tolerances
 from adahessian import AdaHessian, backends, sampler
-from benchmarks import bench, bench_distributed, common
+from benchmarks import bench, bench_distributed, bench_layouts, common
 
 pytestmark = pytest.mark.tooling
 
@@ -110,3 +110,14 @@ def test_distributed_bench_reads_the_all_reduce_of_each_step_from_the_profiler(o
     comms = bench_distributed.comm_per_step(prof.events())
     assert len(comms) == 3
     assert all(0 < comm < step for comm, (_, step) in zip(comms, times)), (comms, times)
+
+
+def test_layouts_run_replaces_its_section_only(tmp_path, fused_kernels):
+    results = tmp_path / "RESULTS.md"
+    other = "<!-- other: begin -->\nkept\n<!-- other: end -->"
+    results.write_text(f"# Benchmark results\n\n{other}\n\n{bench_layouts.BEGIN}\nstale\n{bench_layouts.END}\n")
+    section = bench_layouts.main(["--quick", "--rounds", "1", "--results", str(results)])
+    text = results.read_text()
+    assert other in text and "stale" not in text and text.count(bench_layouts.BEGIN) == 1 and section in text
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "ms |" not in line]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == list(bench_layouts.KINDS)
