@@ -222,6 +222,12 @@ def test_dense_non_contiguous_tensors_are_stepped_in_place(target, case, dtype):
     cases.in_place_step_matches(target.device, kernels, case, dtype)
 
 
+@pytest.mark.parametrize("case", ["no averaging", "conv kernels"])
+def test_hz_in_another_layout_costs_one_copy_each(target, case):
+    kernels = backends.fused.kernels([torch.empty(0, device=target.device)])
+    cases.in_place_step_matches(target.device, kernels, case, torch.float32, hz_elsewhere=True)
+
+
 def test_thread_order_changes_no_bit(emulator):
     # Blocks and threads run in reverse: an element that two threads touch (a race on
     # the GPU) would come out different.

@@ -93,6 +93,11 @@ def test_dense_non_contiguous_tensors_are_stepped_in_place(case, dtype):
     in_place_step_matches(CPU, ops(), case, dtype)
 
 
+@pytest.mark.parametrize("case", ["no averaging", "conv kernels"])
+def test_hz_in_another_layout_costs_one_copy_each(case):
+    in_place_step_matches(CPU, ops(), case, torch.float32, hz_elsewhere=True)
+
+
 def test_accumulate_and_rademacher_work_in_place_on_dense_layouts():
     shapes, keys = [(3, 40), (4, 5, 3, 3)], [101, 202]
     g = torch.Generator().manual_seed(0)

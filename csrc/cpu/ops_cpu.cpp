@@ -220,10 +220,10 @@ void accumulate_hessian_cpu(at::TensorList partial_sums, at::TensorList hzs, at:
     TORCH_CHECK(hzs[i].device().is_cpu(), "adahessian::accumulate_hessian_: hzs must be CPU tensors");
     check_like(partial_sums[i], hzs[i], at::toOpMathType(hzs[i].scalar_type()), "partial_sums");
     if (!bases.empty()) check_like(bases[i], hzs[i], hzs[i].scalar_type(), "bases");
-    const auto order = in_place_order({partial_sums[i], hzs[i], bases.empty() ? Tensor() : bases[i]});
+    const auto order = in_place_order({partial_sums[i]});
     acc.push_back(views.write(partial_sums[i], order));
-    hz.push_back(views.read(hzs[i], order));
-    base.push_back(bases.empty() ? Tensor() : views.read(bases[i], order));
+    hz.push_back(views.read(hzs[i], order, partial_sums[i]));
+    base.push_back(bases.empty() ? Tensor() : views.read(bases[i], order, partial_sums[i]));
     orders.push_back(order.value_or(MemoryOrder{}));
     key.push_back(checked_key(keys[i]));
     numel.push_back(hzs[i].numel());
@@ -467,23 +467,23 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     TORCH_CHECK(p.device().is_cpu(), "adahessian::fused_step_: params must be CPU tensors");
     check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums);
     StepTensor t;
-    const auto [averaging, order] = step_layout_of(
-        step_tensors_of(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums),
-        average_conv_kernel, spatial_averaging, block_length);
+    const auto [averaging, order] =
+        step_layout_of(written_tensors_of(i, params, exp_avgs, exp_hessian_diag_sqs, hessians), average_conv_kernel,
+                       spatial_averaging, block_length);
     t.averaging = averaging;
     t.order = order.value_or(MemoryOrder{});
     t.param = views.write(p, order);
-    t.grad = views.read(grads[i], order);
+    t.grad = views.read(grads[i], order, p);
     t.exp_avg = views.write(exp_avgs[i], order);
     t.exp_hessian_diag_sq = views.write(exp_hessian_diag_sqs[i], order);
     if (!hessians.empty()) {
-      t.hessian = hessian_step ? views.write(hessians[i], order) : views.read(hessians[i], order);
+      t.hessian = hessian_step ? views.write(hessians[i], order) : views.read(hessians[i], order, p);
     }
     if (hessian_step) {
-      t.hz = views.read(hzs[i], order);
-      if (!bases.empty()) t.base = views.read(bases[i], order);
+      t.hz = views.read(hzs[i], order, p);
+      if (!bases.empty()) t.base = views.read(bases[i], order, p);
       t.key = checked_key(keys[i]);
-      if (!partial_sums.empty()) t.partial_sum = views.read(partial_sums[i], order);
+      if (!partial_sums.empty()) t.partial_sum = views.read(partial_sums[i], order, p);
     }
     t.coefficients = step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power);
     numel.push_back(p.numel());

@@ -248,10 +248,11 @@ void accumulate_hessian(at::TensorList partial_sums, at::TensorList hzs, at::Ten
       for (const size_t i : indices) {
         check_like(partial_sums[i], hzs[i], at::toOpMathType(dtype), "partial_sums");
         if (!bases.empty()) check_like(bases[i], hzs[i], dtype, "bases");
-        const auto order = in_place_order({partial_sums[i], hzs[i], bases.empty() ? Tensor() : bases[i]});
+        const auto order = in_place_order({partial_sums[i]});
         metas.push_back({views.write(partial_sums[i], order).data_ptr<at::opmath_type<scalar_t>>(),
-                         views.read(hzs[i], order).const_data_ptr<scalar_t>(),
-                         bases.empty() ? nullptr : views.read(bases[i], order).const_data_ptr<scalar_t>(),
+                         views.read(hzs[i], order, partial_sums[i]).const_data_ptr<scalar_t>(),
+                         bases.empty() ? nullptr
+                                       : views.read(bases[i], order, partial_sums[i]).const_data_ptr<scalar_t>(),
                          checked_key(keys[i]), order.value_or(MemoryOrder{})});
         numel.push_back(hzs[i].numel());
       }
@@ -522,25 +523,27 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
         const Tensor& p = params[i];
         check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums);
         StepMeta<scalar_t> t{};
-        const auto [averaging, order] = step_layout_of(
-            step_tensors_of(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums),
-            average_conv_kernel, spatial_averaging, block_length);
+        const auto [averaging, order] =
+            step_layout_of(written_tensors_of(i, params, exp_avgs, exp_hessian_diag_sqs, hessians),
+                           average_conv_kernel, spatial_averaging, block_length);
         t.averaging = averaging;
         t.order = order.value_or(MemoryOrder{});
         t.param = views.write(p, order).data_ptr<scalar_t>();
-        t.grad = views.read(grads[i], order).const_data_ptr<scalar_t>();
+        t.grad = views.read(grads[i], order, p).const_data_ptr<scalar_t>();
         t.exp_avg = views.write(exp_avgs[i], order).data_ptr<opmath_t>();
         t.exp_hessian_diag_sq = views.write(exp_hessian_diag_sqs[i], order).data_ptr<opmath_t>();
         if (!hessians.empty()) {
           t.hessian = hessian_step
                           ? views.write(hessians[i], order).data_ptr<opmath_t>()
-                          : const_cast<opmath_t*>(views.read(hessians[i], order).const_data_ptr<opmath_t>());
+                          : const_cast<opmath_t*>(views.read(hessians[i], order, p).const_data_ptr<opmath_t>());
         }
         if (hessian_step) {
-          t.hz = views.read(hzs[i], order).const_data_ptr<scalar_t>();
-          if (!bases.empty()) t.base = views.read(bases[i], order).const_data_ptr<scalar_t>();
+          t.hz = views.read(hzs[i], order, p).const_data_ptr<scalar_t>();
+          if (!bases.empty()) t.base = views.read(bases[i], order, p).const_data_ptr<scalar_t>();
           t.key = checked_key(keys[i]);
-          if (!partial_sums.empty()) t.partial_sum = views.read(partial_sums[i], order).const_data_ptr<opmath_t>();
+          if (!partial_sums.empty()) {
+            t.partial_sum = views.read(partial_sums[i], order, p).const_data_ptr<opmath_t>();
+          }
         }
         t.vectorised = pack_aligned(t.param) && pack_aligned(t.grad) && pack_aligned(t.exp_avg) &&
                        pack_aligned(t.exp_hessian_diag_sq) && (!t.hessian || pack_aligned(t.hessian)) &&

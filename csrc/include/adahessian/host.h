@@ -5,6 +5,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
@@ -124,10 +125,11 @@ inline std::optional<int64_t> group_stride_of(const at::Tensor& t, int64_t group
   return stride;
 }
 
-// The memory order in which one parameter's tensors (the undefined ones skipped) are
-// processed in place: they are dense with one layout in which group_stride_of places
-// its averaging groups of `group` elements. Otherwise (nullopt) they are staged as
-// contiguous copies.
+// The memory order in which one parameter's tensors are processed in place, decided by
+// the tensors it writes (the undefined ones skipped): they are dense with one layout in
+// which group_stride_of places its averaging groups of `group` elements. The tensors it
+// only reads follow them (ContiguousViews::read). Otherwise (nullopt) every tensor is
+// staged as a contiguous copy.
 inline std::optional<MemoryOrder> in_place_order(const std::vector<at::Tensor>& tensors, int64_t group = 1) {
   const at::Tensor& first = tensors.front();
   std::optional<MemoryOrder> order = memory_order_of(first);
@@ -138,11 +140,12 @@ inline std::optional<MemoryOrder> in_place_order(const std::vector<at::Tensor>& 
   return order;
 }
 
-// The kernels walk every tensor in one order per parameter: memory order for tensors
-// in_place_order accepts, else logical row-major order over contiguous copies. Such a
-// copy (of an expanded Hz, of tensors whose layouts disagree, of a layout that scatters
-// an averaging group) is kept alive until finish(), and mutated copies are
-// written back there.
+// The kernels walk every tensor in one order per parameter: memory order where
+// in_place_order accepts the tensors written, else logical row-major order over
+// contiguous copies. A tensor only read that is laid out otherwise than those written
+// (the double backward returns a channels-last weight's Hz in another order) is copied
+// into their layout: one copy, not the whole parameter staged. Copies are kept alive
+// until finish(), and mutated ones are written back there.
 class ContiguousViews {
  public:
   const at::Tensor& read(const at::Tensor& t) {
@@ -150,9 +153,13 @@ class ContiguousViews {
     keep_.push_back(t.contiguous());
     return keep_.back();
   }
-  // A tensor as it is where in_place is set, else contiguous.
-  const at::Tensor& read(const at::Tensor& t, const std::optional<MemoryOrder>& in_place) {
-    return in_place ? t : read(t);
+  // A tensor only read: as it is, or copied, in the layout of `like` (a tensor written)
+  // where in_place is set; else contiguous.
+  const at::Tensor& read(const at::Tensor& t, const std::optional<MemoryOrder>& in_place, const at::Tensor& like) {
+    if (!in_place) return read(t);
+    if (same_layout(like, t)) return t;
+    keep_.push_back(at::empty_like(like, t.options()).copy_(t));
+    return keep_.back();
   }
   const at::Tensor& write(const at::Tensor& t, const std::optional<MemoryOrder>& in_place) {
     return in_place ? t : write(t);
@@ -309,14 +316,12 @@ inline void check_step_arguments(at::TensorList params, at::TensorList grads, at
               "else empty");
 }
 
-// Parameter i's tensors, for in_place_order (undefined where a list is empty).
-inline std::vector<at::Tensor> step_tensors_of(size_t i, at::TensorList params, at::TensorList grads,
-                                               at::TensorList exp_avgs, at::TensorList exp_hessian_diag_sqs,
-                                               at::TensorList hessians, at::TensorList hzs, at::TensorList bases,
-                                               at::TensorList partial_sums) {
-  const auto at_i = [&](at::TensorList list) { return list.empty() ? at::Tensor() : list[i]; };
-  return {params[i], grads[i], exp_avgs[i], exp_hessian_diag_sqs[i], at_i(hessians), at_i(hzs), at_i(bases),
-          at_i(partial_sums)};
+// The tensors of parameter i that fused_step_ writes, for in_place_order (the kept D
+// undefined where there is none; it is written on Hessian steps, and made like the
+// others).
+inline std::vector<at::Tensor> written_tensors_of(size_t i, at::TensorList params, at::TensorList exp_avgs,
+                                                  at::TensorList exp_hessian_diag_sqs, at::TensorList hessians) {
+  return {params[i], exp_avgs[i], exp_hessian_diag_sqs[i], hessians.empty() ? at::Tensor() : hessians[i]};
 }
 
 // Device, shape and dtype of parameter i's tensors.
