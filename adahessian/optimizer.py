@@ -533,6 +533,7 @@ class AdaHessian(Optimizer):
         hessian_step = self.hessian_due
         accumulated, self._accumulated = self._accumulated, None  # used by this step only
         entries, grads = self._gather(every_trainable=group is not None)
+        self._check_shapes(entries)
         if accumulated is not None:
             self._check_accumulated(accumulated, hessian_step)
             self._refuse_mixing(grads)
@@ -608,6 +609,15 @@ class AdaHessian(Optimizer):
                     grads.append(p.grad)
                 flat_index += 1
         return entries, grads
+
+    def _check_shapes(self, entries) -> None:
+        """ValueError for a parameter whose shape the averaging settings refuse, before
+        the step changes anything (the state's step counts, the gradients, the product)."""
+        for g, flat_index, p in entries:
+            averaging.rule_of(
+                tuple(p.shape), average_conv_kernel=self.average_conv_kernel, spatial_averaging=self.spatial_averaging,
+                block_length=self.block_length, what=f"the optimizer's parameter {flat_index} (in param group {g})",
+            )
 
     def _update(self, entries, grads, estimate: hutchinson.Estimate | None) -> None:
         """Bring each parameter's state to what today's settings keep, and run the

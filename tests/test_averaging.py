@@ -4,6 +4,8 @@ implementation's rule (spatial_averaging="official") and its fairseq version's b
 the fused kernels against the reference per dtype (CUDA's code: tests/test_cuda.py), and
 the errors for shapes a setting refuses."""
 
+import copy
+
 import pytest
 import torch
 
@@ -65,6 +67,28 @@ def _step(backend, shapes, **options):
 def test_a_block_that_does_not_divide_a_size_is_refused_at_step(backend):
     with pytest.raises(ValueError, match=r"block_length=32.*shape \(5, 3\) has 15 elements.*e\.g\. 1"):
         _step(backend, [(32,), (5, 3)], block_length=32)
+
+
+def test_a_refused_step_changes_nothing(backend):
+    params = [torch.nn.Parameter(torch.linspace(-1, 1, 32)), torch.nn.Parameter(torch.linspace(1, 2, 15).view(5, 3))]
+    opt = AdaHessian(params, backend=backend)
+
+    def backward():
+        opt.zero_grad()
+        sum((p**4).sum() for p in params).backward(create_graph=True)
+
+    backward()
+    opt.step()
+    backward()
+    before = copy.deepcopy((opt.state_dict(), [p.detach() for p in params], [p.grad.detach() for p in params]))
+    opt.block_length = 4  # (5, 3) has 15 elements
+    with pytest.raises(ValueError, match=r"the optimizer's parameter 1 \(in param group 0\) of shape \(5, 3\)"):
+        opt.step()
+    after = (opt.state_dict(), [p.detach() for p in params], [p.grad.detach() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(before[1] + before[2], after[1] + after[2]))
+    assert [s["step"] for s in after[0]["state"].values()] == [s["step"] for s in before[0]["state"].values()] == [1, 1]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before[0]["state"].values(), after[0]["state"].values())
+               for k in a if torch.is_tensor(a[k]))
 
 
 def test_the_official_rule_refuses_5d_tensors(backend):
