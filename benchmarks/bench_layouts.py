@@ -2,13 +2,14 @@
 
 The fused CPU kernel (torch.ops.adahessian.fused_step_, no optimizer bookkeeping) on
 ResNet-18's float32 parameter set (11,689,512 parameters in 62 tensors), its 4-D weights
-either contiguous or channels-last (their gradients, state, Hz and partial sums alike, as
-a channels-last model's are). Four kinds of step: a Hessian step (Hz, 2 samples, D kept)
-and a step with the kept D, each with and without conv-kernel averaging. Channels-last
-tensors are stepped in memory order, in place; with averaging each kh*kw group's
-elements lie in_channels apart (csrc/include/adahessian/host.h, group_stride_of). The
-ratio channels-last / contiguous is the cost of the layout; each round times every row
-once, in a shuffled order.
+either contiguous or channels-last (their gradients, state and partial sums alike, as a
+channels-last model's are; every 4-D Hz in the layout the double backward returns for
+some, memory order I, O, kh, kw: the worst case, one copy each into the weight's). Four
+kinds of step: a Hessian step (Hz, 2 samples, D kept) and a step with the kept D, each
+with and without conv-kernel averaging. Channels-last tensors are stepped in memory
+order, in place; with averaging each kh*kw group's elements lie in_channels apart
+(csrc/include/adahessian/host.h, group_stride_of). The ratio channels-last / contiguous
+is the cost of the layout; each round times every row once, in a shuffled order.
 
     python -m benchmarks.bench_layouts                                   # about a minute
     python -m benchmarks.bench_layouts --results benchmarks/RESULTS.md   # also record it
@@ -48,7 +49,9 @@ def fused_step(shapes, hessian_step: bool, average: bool, channels_last: bool):
 
     params, grads, exp_avgs = ([rand(s) for s in shapes] for _ in range(3))
     exp_hessian_diag_sqs, hessians = [rand(s, True) for s in shapes], [rand(s) for s in shapes]
-    hzs = [rand(s) for s in shapes] if hessian_step else []
+    # As in tests/cases.py, hz_layout.
+    hzs = [rand(s).permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3) if channels_last and len(s) == 4 else rand(s)
+           for s in shapes] if hessian_step else []
     partial_sums = [rand(s) for s in shapes] if hessian_step else []
     keys = [sampler.rademacher_key(0, i, 1) for i in range(len(shapes))] if hessian_step else []
     steps = [10] * len(shapes)
@@ -63,7 +66,7 @@ def fused_step(shapes, hessian_step: bool, average: bool, channels_last: bool):
     return step
 
 
-def report(shapes, samples, command):
+def report(shapes, samples, command, quick=False):
     stats = {key: common.quartiles(ms) for key, ms in samples.items()}
     lines = [
         BEGIN,
@@ -72,8 +75,8 @@ def report(shapes, samples, command):
         f"{datetime.date.today().isoformat()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}. Command: `{command}`",
         "",
-        f"ResNet-18's float32 set ({common.numel(shapes):,} parameters), the kernel alone; medians of "
-        "interleaved rounds.",
+        f"ResNet-18's float32 set{' (--quick: its first 10 tensors)' if quick else ''} "
+        f"({common.numel(shapes):,} parameters), the kernel alone; medians of interleaved rounds.",
         "",
         "| step | contiguous ms | channels-last ms | p25-p75 channels-last | channels-last / contiguous |",
         "|---|---:|---:|---:|---:|",
@@ -94,7 +97,7 @@ def main(argv=None):
     runs = {(kind, last): fused_step(shapes, *KINDS[kind], channels_last=last) for kind in KINDS for last in (False, True)}
     samples = common.interleaved_ms(runs, args.rounds, shuffle=random.Random(0).shuffle)
     command = " ".join(["python -m", __spec__.name, *(sys.argv[1:] if argv is None else argv)])
-    section = report(shapes, samples, command)
+    section = report(shapes, samples, command, args.quick)
     print(section)
     if args.results:
         common.write_section(args.results, section)
