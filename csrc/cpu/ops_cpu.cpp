@@ -48,47 +48,52 @@ inline void for_each_vector(int64_t n, const F& f) {
   if (k < n) f(k, n - k);
 }
 
-// rademacher_base(key, index) for indices met in any order, recomputed only where the
-// index's high half changes (in a tensor of fewer than 2^32 elements: never).
-struct Bases {
-  explicit Bases(uint32_t key) : key(key) {}
-  uint32_t operator()(uint64_t index) {
+// z at logical indices start + j * step (j < n), for the vector with this key. In a
+// tensor of fewer than 2^32 elements (narrow) the indices' high half, hence the hash
+// base, is 0: one base and 32-bit arithmetic, which the compiler vectorises; otherwise
+// the base is recomputed where the high half changes.
+template <typename T>
+void rademacher_strided(T* out, uint32_t key, bool narrow, uint64_t start, uint64_t step, int64_t n) {
+  if (narrow) {
+    const uint32_t base = rademacher_base(key, 0), low = static_cast<uint32_t>(start);
+    const auto step32 = static_cast<uint32_t>(step);
+    for (int64_t j = 0; j < n; ++j) out[j] = rademacher_sign<T>(base, low + static_cast<uint32_t>(j) * step32);
+    return;
+  }
+  uint64_t high = ~uint64_t{0};
+  uint32_t base = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint64_t index = start + j * step;
     if ((index >> 32) != high) {
       high = index >> 32;
       base = rademacher_base(key, index);
     }
-    return base;
+    out[j] = rademacher_sign<T>(base, index);
   }
-  uint32_t key;
-  uint64_t high = ~uint64_t{0};
-  uint32_t base = 0;
-};
+}
+
+// Calls f(k, run, start, step) over the memory offsets first .. first + count - 1 of a
+// tensor stored in `order` (dims != 0), split into runs along its innermost memory
+// dimension: at offset first + k + j (j < run) the logical index is start + j * step.
+// One logical() per run.
+template <typename F>
+void for_each_run(const MemoryOrder& order, int64_t first, int64_t count, const F& f) {
+  const int64_t run_length = order.sizes[order.dims - 1], step = order.logical_strides[order.dims - 1];
+  for (int64_t k = 0; k < count;) {
+    const int64_t run = std::min(count - k, run_length - (first + k) % run_length);
+    f(k, run, static_cast<uint64_t>(order.logical(first + k)), static_cast<uint64_t>(step));
+    k += run;
+  }
+}
 
 // z of the elements at memory offsets first .. first + count - 1 of a tensor stored in
 // `order`, for the vector with this key.
 template <typename T>
 void rademacher_fill(T* out, uint32_t key, int64_t first, int64_t count, const MemoryOrder& order) {
   if (order.dims != 0) {
-    // Along the innermost memory dimension the logical index grows by a fixed step, so
-    // one logical() per run of it.
-    const int64_t run_length = order.sizes[order.dims - 1], step = order.logical_strides[order.dims - 1];
-    Bases bases(key);
-    for (int64_t k = 0; k < count;) {
-      const int64_t run = std::min(count - k, run_length - (first + k) % run_length);
-      const uint64_t start = order.logical(first + k);
-      if (order.narrow) {  // every index below 2^32: one base, and 32-bit arithmetic that vectorises
-        const uint32_t base = bases(0), low = static_cast<uint32_t>(start), step32 = static_cast<uint32_t>(step);
-        for (int64_t j = 0; j < run; ++j) {
-          out[k + j] = rademacher_sign<T>(base, low + static_cast<uint32_t>(j) * step32);
-        }
-      } else {
-        for (int64_t j = 0; j < run; ++j) {
-          const uint64_t index = start + j * step;
-          out[k + j] = rademacher_sign<T>(bases(index), index);
-        }
-      }
-      k += run;
-    }
+    for_each_run(order, first, count, [&](int64_t k, int64_t run, uint64_t start, uint64_t step) {
+      rademacher_strided(out + k, key, order.narrow, start, step, run);
+    });
     return;
   }
   for (int64_t k = 0; k < count;) {
@@ -179,7 +184,7 @@ void rademacher_cpu(at::TensorList out, at::IntArrayRef keys) {
     key.push_back(checked_key(keys[i]));
     numel.push_back(out[i].numel());
   }
-  const auto items = work_items(numel, std::vector<int64_t>(out.size(), 1));
+  const auto items = work_items(numel);
   parallel_over(items, [&](const WorkItem& w) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dst[w.tensor].scalar_type(), "rademacher_", [&] {
       rademacher_fill(dst[w.tensor].data_ptr<scalar_t>() + w.begin, key[w.tensor], w.begin, w.end - w.begin,
@@ -228,7 +233,7 @@ void accumulate_hessian_cpu(at::TensorList partial_sums, at::TensorList hzs, at:
     key.push_back(checked_key(keys[i]));
     numel.push_back(hzs[i].numel());
   }
-  const auto items = work_items(numel, std::vector<int64_t>(hzs.size(), 1));
+  const auto items = work_items(numel);
   parallel_over(items, [&](const WorkItem& w) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hz[w.tensor].scalar_type(), "accumulate_hessian_", [&] {
       accumulate_chunk<scalar_t>(acc[w.tensor], hz[w.tensor], base[w.tensor], inv_step, key[w.tensor],
@@ -382,28 +387,17 @@ void step_interleaved_chunk(const StepTensor& t, double n_samples, double inv_st
   opmath_t* d_tile = scratch.at(Row::d);  // D of the rows at d_tile + k * n, then the means
   opmath_t* segment = scratch.at(Row::segment);
   opmath_t* mean = scratch.at(Row::sum);  // the sums, then the means
-  uint64_t index[kTile];  // by column tiles: the logical index of each group's first element
-  Bases bases(t.key);
 
   for (int64_t q = begin; q < end;) {
     const int64_t b = q / stride, j = q - b * stride;
     const int64_t n = whole_blocks ? stride : std::min({end - q, stride - j, kTile});
     const int64_t first = b * block + j;  // of row 0
     // This step's D: of a whole block in one call (row k at d_tile + k * n), of a column
-    // tile row by row below (z at index + k: a group's elements are consecutive in
-    // logical order).
+    // tile row by row below.
     if (s.hz && whole_blocks) {
       estimate_tile(t.key, t.order, first, block, s.hz_at(first, inv_step),
                     s.partial_sum ? s.partial_sum + first : nullptr, opmath_t(n_samples), d_tile, scratch.at(Row::hz),
                     scratch.at(Row::base), d_tile);
-    } else if (s.hz) {
-      const int64_t run_length = t.order.sizes[t.order.dims - 1], step = t.order.logical_strides[t.order.dims - 1];
-      for (int64_t c = 0; c < n;) {  // as rademacher_fill: one logical() per innermost run
-        const int64_t run = std::min(n - c, run_length - (first + c) % run_length);
-        const uint64_t start = t.order.logical(first + c);
-        for (int64_t r = 0; r < run; ++r) index[c + r] = start + r * step;
-        c += run;
-      }
     }
     std::fill(segment, segment + n, opmath_t(0));
     std::fill(mean, mean + n, opmath_t(0));
@@ -411,14 +405,10 @@ void step_interleaved_chunk(const StepTensor& t, double n_samples, double inv_st
       if (s.hz && !whole_blocks) {
         opmath_t* d_row = d_tile;  // one row at a time
         const int64_t row = first + k * stride;
-        if (t.order.narrow) {  // as in rademacher_fill
-          const uint32_t base = bases(0), k32 = static_cast<uint32_t>(k);
-          for (int64_t c = 0; c < n; ++c) {
-            d_row[c] = rademacher_sign<opmath_t>(base, static_cast<uint32_t>(index[c]) + k32);
-          }
-        } else {
-          for (int64_t c = 0; c < n; ++c) d_row[c] = rademacher_sign<opmath_t>(bases(index[c] + k), index[c] + k);
-        }
+        // A group's elements are consecutive in logical order: row k's indices are row 0's + k.
+        for_each_run(t.order, first, n, [&](int64_t c, int64_t run, uint64_t start, uint64_t step) {
+          rademacher_strided(d_row + c, t.key, t.order.narrow, start + k, step, run);
+        });
         estimate_from_z(n, d_row, s.hz_at(row, inv_step), s.partial_sum ? s.partial_sum + row : nullptr,
                         opmath_t(n_samples), scratch.at(Row::hz), scratch.at(Row::base), d_row);
       }
@@ -461,16 +451,17 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 
   ContiguousViews views;
   std::vector<StepTensor> tensors;
-  std::vector<int64_t> numel, group, stride;
+  std::vector<int64_t> numel;
+  std::vector<Averaging> averaging;
   for (size_t i = 0; i < count; ++i) {
     const Tensor& p = params[i];
     TORCH_CHECK(p.device().is_cpu(), "adahessian::fused_step_: params must be CPU tensors");
     check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums);
     StepTensor t;
-    const auto [averaging, order] =
-        step_layout_of(written_tensors_of(i, params, exp_avgs, exp_hessian_diag_sqs, hessians), average_conv_kernel,
-                       spatial_averaging, block_length);
-    t.averaging = averaging;
+    const auto layout = step_layout_of(written_tensors_of(i, params, exp_avgs, exp_hessian_diag_sqs, hessians),
+                                       average_conv_kernel, spatial_averaging, block_length);
+    const auto& order = layout.order;
+    t.averaging = layout.averaging;
     t.order = order.value_or(MemoryOrder{});
     t.param = views.write(p, order);
     t.grad = views.read(grads[i], order, p);
@@ -487,12 +478,11 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     }
     t.coefficients = step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power);
     numel.push_back(p.numel());
-    group.push_back(t.averaging.group);
-    stride.push_back(t.averaging.stride);
+    averaging.push_back(t.averaging);
     tensors.push_back(std::move(t));
   }
 
-  const auto items = work_items(numel, group, stride);
+  const auto items = work_items(numel, averaging);
   parallel_over(items, [&](const WorkItem& w) {
     const StepTensor& t = tensors[w.tensor];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.param.scalar_type(), "fused_step_", [&] {

@@ -117,15 +117,14 @@ void check_device(const Tensor& t, const at::Device& device, const char* what) {
               " has one on ", t.device(), ", the first is on ", device);
 }
 
-// Splits the tensors into chunks of whole groups, uploads the table and calls
-// launch(table) to start one block per chunk.
-// (work_items: a chunk's bounds are memory offsets, or group indices where stride > 1).
+// Splits the tensors into chunks of whole averaging groups (work_items: a chunk's bounds
+// are memory offsets, or group indices where groups interleave), uploads the table and
+// calls launch(table) to start one block per chunk.
 template <typename Runtime, typename Meta, typename Launch>
-void launch_over_chunks(const std::vector<Meta>& metas, const std::vector<int64_t>& numel,
-                        const std::vector<int64_t>& group, const at::Device& device, const Launch& launch,
-                        const std::vector<int64_t>& stride = {}) {
+void launch_over_chunks(const std::vector<Meta>& metas, const std::vector<int64_t>& numel, const at::Device& device,
+                        const Launch& launch, const std::vector<Averaging>& averaging = {}) {
   std::vector<Chunk> chunks;
-  for (const auto& w : work_items(numel, group, stride)) {
+  for (const auto& w : work_items(numel, averaging)) {
     chunks.push_back({static_cast<int32_t>(w.tensor), w.begin, w.end});
   }
   if (chunks.empty()) return;
@@ -201,7 +200,7 @@ void rademacher(at::TensorList out, at::IntArrayRef keys) {
                          order.value_or(MemoryOrder{})});
         numel.push_back(out[i].numel());
       }
-      launch_over_chunks<Runtime>(metas, numel, std::vector<int64_t>(numel.size(), 1), device, [](const auto& table) {
+      launch_over_chunks<Runtime>(metas, numel, device, [](const auto& table) {
         Runtime::launch(rademacher_kernel<scalar_t>, table.num_chunks, table.metas, table.chunks);
       });
     });
@@ -257,7 +256,7 @@ void accumulate_hessian(at::TensorList partial_sums, at::TensorList hzs, at::Ten
         numel.push_back(hzs[i].numel());
       }
       const auto inv = static_cast<at::opmath_type<scalar_t>>(inv_step);
-      launch_over_chunks<Runtime>(metas, numel, std::vector<int64_t>(numel.size(), 1), device, [&](const auto& table) {
+      launch_over_chunks<Runtime>(metas, numel, device, [&](const auto& table) {
         Runtime::launch(accumulate_kernel<scalar_t>, table.num_chunks, table.metas, table.chunks, inv);
       });
     });
@@ -518,15 +517,16 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_step_", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
       std::vector<StepMeta<scalar_t>> metas;
-      std::vector<int64_t> numel, group, stride;
+      std::vector<int64_t> numel;
+      std::vector<Averaging> averaging;
       for (const size_t i : indices) {
         const Tensor& p = params[i];
         check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums);
         StepMeta<scalar_t> t{};
-        const auto [averaging, order] =
-            step_layout_of(written_tensors_of(i, params, exp_avgs, exp_hessian_diag_sqs, hessians),
-                           average_conv_kernel, spatial_averaging, block_length);
-        t.averaging = averaging;
+        const auto layout = step_layout_of(written_tensors_of(i, params, exp_avgs, exp_hessian_diag_sqs, hessians),
+                                           average_conv_kernel, spatial_averaging, block_length);
+        const auto& order = layout.order;
+        t.averaging = layout.averaging;
         t.order = order.value_or(MemoryOrder{});
         t.param = views.write(p, order).data_ptr<scalar_t>();
         t.grad = views.read(grads[i], order, p).const_data_ptr<scalar_t>();
@@ -553,16 +553,15 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
             step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power));
         metas.push_back(t);
         numel.push_back(p.numel());
-        group.push_back(t.averaging.group);
-        stride.push_back(t.averaging.stride);
+        averaging.push_back(t.averaging);
       }
       const StepScalars<opmath_t> scalars{static_cast<opmath_t>(n_samples), static_cast<opmath_t>(inv_step)};
-      launch_over_chunks<Runtime>(metas, numel, group, device, [&](const auto& table) {
+      launch_over_chunks<Runtime>(metas, numel, device, [&](const auto& table) {
         dispatch_power(power, [&](auto p) {
           Runtime::launch(fused_step_kernel<decltype(p)::value, scalar_t>, table.num_chunks, table.metas,
                           table.chunks, scalars);
         });
-      }, stride);
+      }, averaging);
     });
   });
 }

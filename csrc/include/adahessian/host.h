@@ -30,6 +30,18 @@ namespace adahessian {
 // every vector width, so vectorised code sees aligned work-item starts.
 constexpr int64_t kChunk = 1 << 16;
 
+// Spatial averaging of one parameter (adahessian/averaging.py states the rules; the
+// reference path and tests/oracle.py derive them independently): whether D becomes the
+// group_mean_abs of each group of `group` consecutive elements in logical row-major
+// order. Every rule is such a grouping: a 4-D weight's kh*kw blocks (1x1 too: D becomes
+// |D|), a 3-D weight's last dim, a 2-D weight's rows, |D| per element, or blocks of
+// block_length elements of the flattened tensor.
+struct Averaging {
+  bool average;
+  int64_t group;       // 1 when not averaging
+  int64_t stride = 1;  // group_stride_of in the memory processed (step_layout_of sets it)
+};
+
 // A work item's bounds are memory offsets, or for a tensor whose averaging groups
 // interleave in memory (Averaging::stride > 1) group indices (see Averaging).
 struct WorkItem {
@@ -38,24 +50,24 @@ struct WorkItem {
   int64_t elements;
 };
 
-// Splits tensors of these sizes into work items of whole groups of `group[i]` elements
-// (averaging reduces over a group, so a group never straddles two items); stride[i] as
-// in Averaging, all 1 when empty. Interleaved groups come in blocks of stride groups,
-// one run of memory (b * group * stride onwards): items hold whole blocks where a block
-// fits in one.
-inline std::vector<WorkItem> work_items(const std::vector<int64_t>& numel, const std::vector<int64_t>& group,
-                                        const std::vector<int64_t>& stride = {}) {
+// Splits tensors of these sizes into work items of whole averaging groups (averaging
+// reduces over a group, so a group never straddles two items); no averaging when
+// `averaging` is empty. Interleaved groups come in blocks of stride groups, one run of
+// memory (b * group * stride onwards): items hold whole blocks where a block fits in one.
+inline std::vector<WorkItem> work_items(const std::vector<int64_t>& numel,
+                                        const std::vector<Averaging>& averaging = {}) {
   std::vector<WorkItem> items;
   for (size_t i = 0; i < numel.size(); ++i) {
-    const bool interleaved = !stride.empty() && stride[i] > 1;
-    const int64_t block = interleaved ? group[i] * stride[i] : 0;
-    const int64_t groups = interleaved && block <= kChunk ? kChunk / block * stride[i]  // per item
-                                                          : std::max<int64_t>(1, kChunk / group[i]);
-    const int64_t unit = interleaved ? 1 : group[i];  // elements or groups, as the bounds count
-    const int64_t total = numel[i] / (interleaved ? group[i] : 1);
+    const auto [average, group, stride] = averaging.empty() ? Averaging{false, 1} : averaging[i];
+    const bool interleaved = stride > 1;
+    const int64_t block = group * stride;
+    const int64_t groups = interleaved && block <= kChunk ? kChunk / block * stride  // per item
+                                                          : std::max<int64_t>(1, kChunk / group);
+    const int64_t unit = interleaved ? 1 : group;  // elements or groups, as the bounds count
+    const int64_t total = numel[i] / (interleaved ? group : 1);
     for (int64_t begin = 0; begin < total; begin += groups * unit) {
       const int64_t end = std::min(total, begin + groups * unit);
-      items.push_back({i, begin, end, (end - begin) * (interleaved ? group[i] : 1)});
+      items.push_back({i, begin, end, (end - begin) * (interleaved ? group : 1)});
     }
   }
   return items;
@@ -70,9 +82,9 @@ inline uint32_t checked_key(int64_t key) {
 // kMaxDims dimensions.
 inline std::optional<MemoryOrder> memory_order_of(const at::Tensor& t) {
   MemoryOrder order;
+  order.narrow = t.numel() < (int64_t{1} << 32);
   if (t.is_contiguous()) return order;
   if (!t.is_non_overlapping_and_dense() || t.dim() > kMaxDims) return std::nullopt;
-  order.narrow = t.numel() < (int64_t{1} << 32);
   std::vector<int64_t> dims;
   for (int64_t d = 0; d < t.dim(); ++d) {
     if (t.size(d) > 1) dims.push_back(d);
@@ -126,14 +138,13 @@ inline std::optional<int64_t> group_stride_of(const at::Tensor& t, int64_t group
 }
 
 // The memory order in which one parameter's tensors are processed in place, decided by
-// the tensors it writes (the undefined ones skipped): they are dense with one layout in
-// which group_stride_of places its averaging groups of `group` elements. The tensors it
-// only reads follow them (ContiguousViews::read). Otherwise (nullopt) every tensor is
-// staged as a contiguous copy.
-inline std::optional<MemoryOrder> in_place_order(const std::vector<at::Tensor>& tensors, int64_t group = 1) {
+// the tensors it writes (the undefined ones skipped): they are dense with one layout.
+// The tensors it only reads follow them (ContiguousViews::read). Otherwise (nullopt)
+// every tensor is staged as a contiguous copy.
+inline std::optional<MemoryOrder> in_place_order(const std::vector<at::Tensor>& tensors) {
   const at::Tensor& first = tensors.front();
   std::optional<MemoryOrder> order = memory_order_of(first);
-  if (!order || !group_stride_of(first, group)) return std::nullopt;
+  if (!order) return std::nullopt;
   for (const auto& t : tensors) {
     if (t.defined() && !same_layout(first, t)) return std::nullopt;
   }
@@ -209,18 +220,6 @@ void dispatch_power(Power power, const F& f) {
   }
 }
 
-// Spatial averaging of one parameter (adahessian/averaging.py states the rules; the
-// reference path and tests/oracle.py derive them independently): whether D becomes the
-// group_mean_abs of each group of `group` consecutive elements in logical row-major
-// order. Every rule is such a grouping: a 4-D weight's kh*kw blocks (1x1 too: D becomes
-// |D|), a 3-D weight's last dim, a 2-D weight's rows, |D| per element, or blocks of
-// block_length elements of the flattened tensor.
-struct Averaging {
-  bool average;
-  int64_t group;       // 1 when not averaging
-  int64_t stride = 1;  // group_stride_of in the memory processed (step_layout_of sets it)
-};
-
 inline Averaging averaging_of(const at::Tensor& param, bool average_conv_kernel, c10::string_view spatial_averaging,
                               int64_t block_length) {
   const bool official = spatial_averaging == "official";
@@ -246,8 +245,9 @@ inline Averaging averaging_of(const at::Tensor& param, bool average_conv_kernel,
   return {average, average ? std::max<int64_t>(1, param.size(2) * param.size(3)) : 1};
 }
 
-// One parameter's averaging, and the memory order its step processes its tensors in
-// (nullopt: contiguous copies, whose groups are runs).
+// One parameter's averaging, and the memory order its step processes its tensors in:
+// in_place_order's, where group_stride_of places the averaging groups in it, else
+// nullopt (contiguous copies, whose groups are runs).
 struct StepLayout {
   Averaging averaging;
   std::optional<MemoryOrder> order;
@@ -255,9 +255,14 @@ struct StepLayout {
 
 inline StepLayout step_layout_of(const std::vector<at::Tensor>& tensors, bool average_conv_kernel,
                                  c10::string_view spatial_averaging, int64_t block_length) {
-  StepLayout layout{averaging_of(tensors.front(), average_conv_kernel, spatial_averaging, block_length), {}};
-  layout.order = in_place_order(tensors, layout.averaging.group);
-  if (layout.order) layout.averaging.stride = *group_stride_of(tensors.front(), layout.averaging.group);
+  StepLayout layout{averaging_of(tensors.front(), average_conv_kernel, spatial_averaging, block_length),
+                    in_place_order(tensors)};
+  const auto stride = layout.order ? group_stride_of(tensors.front(), layout.averaging.group) : 1;
+  if (stride) {
+    layout.averaging.stride = *stride;
+  } else {
+    layout.order = std::nullopt;
+  }
   return layout;
 }
 

@@ -17,7 +17,7 @@ struct MemoryOrder {
   int dims = 0;                       // 0: memory order is the logical order
   int64_t sizes[kMaxDims];            // the dimensions of size > 1, outermost in memory first
   int64_t logical_strides[kMaxDims];  // their strides in the logical row-major order
-  bool narrow = true;                 // fewer than 2^32 elements: logical() divides in 32 bits
+  bool narrow = false;                // fewer than 2^32 elements: logical() divides in 32 bits
 
   // The logical index of the element at this memory offset (from the tensor's start).
   C10_HOST_DEVICE int64_t logical(int64_t offset) const {
