@@ -198,6 +198,8 @@ class AdaHessian(Optimizer):
         self._graph_record.bind(self)
         # Hessian-vector products that backward()/hessian_backward() summed for the next step.
         self._accumulated: hutchinson.Accumulated | None = None
+        # The parameters _check_shapes passed, under these settings (the tuple itself).
+        self._shapes_checked: tuple[tuple | None, set[Tensor]] = (None, set())
 
     # ----------------------------------------------------------------- public API
 
@@ -612,12 +614,19 @@ class AdaHessian(Optimizer):
 
     def _check_shapes(self, entries) -> None:
         """ValueError for a parameter whose shape the averaging settings refuse, before
-        the step changes anything (the state's step counts, the gradients, the product)."""
+        the step changes anything (the state's step counts, the gradients, the product).
+        Each parameter once per value of the settings: not a per-step cost."""
+        settings, checked = self._shapes_checked
+        if settings is not self._settings:
+            settings, checked = self._shapes_checked = (self._settings, set())
         for g, flat_index, p in entries:
+            if p in checked:
+                continue
             averaging.rule_of(
                 tuple(p.shape), average_conv_kernel=self.average_conv_kernel, spatial_averaging=self.spatial_averaging,
                 block_length=self.block_length, what=f"the optimizer's parameter {flat_index} (in param group {g})",
             )
+            checked.add(p)
 
     def _update(self, entries, grads, estimate: hutchinson.Estimate | None) -> None:
         """Bring each parameter's state to what today's settings keep, and run the

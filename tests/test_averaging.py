@@ -91,6 +91,29 @@ def test_a_refused_step_changes_nothing(backend):
                for k in a if torch.is_tensor(a[k]))
 
 
+def test_the_step_checks_each_shape_once_per_setting(monkeypatch):
+    # The optimizer's own check (before the step changes anything) is not a per-step cost.
+    checked = []
+    real = averaging.rule_of
+    monkeypatch.setattr(averaging, "rule_of", lambda shape, **k: checked.append(shape) or real(shape, **k))
+    params = [torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.ones(2, 4))]
+    opt = AdaHessian(params, backend="reference")
+
+    def steps(n):
+        for _ in range(n):
+            opt.zero_grad()
+            sum((p**4).sum() for p in params).backward(create_graph=True)
+            opt.step()
+
+    steps(3)
+    by_optimizer = len(checked) - 3 * len(params)  # the reference path's functional core checks every step
+    assert by_optimizer == len(params)
+    opt.block_length = 4
+    checked.clear()
+    steps(2)
+    assert len(checked) - 2 * len(params) == len(params)
+
+
 def test_the_official_rule_refuses_5d_tensors(backend):
     with pytest.raises(ValueError, match=r"'official'.*\(2, 2, 2, 2, 4\) is 5-D"):
         _step(backend, [(2, 2, 2, 2, 4)], spatial_averaging="official")
