@@ -123,6 +123,20 @@ def averaging_problem(dtype, case, core):
     return lists, estimate, options
 
 
+# The core cases the spatial-averaging comparisons run: a Hessian step and a kept-D step.
+AVERAGING_CORES = ["hessian step, D kept, 3 samples", "step with the kept D"]
+
+
+def averaging_step_matches(dtype, case, core, to=lambda x: x):
+    """The fused step with averaging option ``case`` on core case ``core``
+    (averaging_problem), its inputs moved by ``to`` (a CUDA target's device), against
+    the reference path's on the CPU."""
+    lists, estimate, options = averaging_problem(dtype, case, core)
+    want = run_functional("reference", lists, estimate, **options)
+    got = run_functional("fused", to(lists), to(estimate), **to(options))
+    assert_functional_close(got, want, lists, options)
+
+
 def core_options(n_samples, hessian_power, average_conv_kernel):
     """functional.adahessian's options for the core cases (weight decay on)."""
     return dict(

@@ -51,12 +51,9 @@ def test_the_official_rule_groups():
 
 @pytest.mark.parametrize("dtype", cases.ALL_DTYPES, ids=cases.dtype_name)
 @pytest.mark.parametrize("case", list(cases.AVERAGING_OPTIONS))
-@pytest.mark.parametrize("core", ["hessian step, D kept, 3 samples", "step with the kept D"])
+@pytest.mark.parametrize("core", cases.AVERAGING_CORES)
 def test_fused_matches_the_reference(dtype, case, core, fused_kernels):
-    lists, estimate, options = cases.averaging_problem(dtype, case, core)
-    want = cases.run_functional("reference", lists, estimate, **options)
-    got = cases.run_functional("fused", lists, estimate, **options)
-    cases.assert_functional_close(got, want, lists, options)
+    cases.averaging_step_matches(dtype, case, core)
 
 
 def _step(backend, shapes, **options):

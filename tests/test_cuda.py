@@ -134,14 +134,11 @@ def test_functional_step_matches_the_reference(target, dtype, case, hessian_powe
 
 @pytest.mark.parametrize("dtype", cases.ALL_DTYPES, ids=cases.dtype_name)
 @pytest.mark.parametrize("case", list(cases.AVERAGING_OPTIONS))
-@pytest.mark.parametrize("core", ["hessian step, D kept, 3 samples", "step with the kept D"])
+@pytest.mark.parametrize("core", cases.AVERAGING_CORES)
 def test_spatial_averaging_matches_the_reference(target, dtype, case, core):
     # The official rule and blocks (tests/test_averaging.py): groups of every length, in
     # channels-last tensors too, through the CUDA kernels' group reduction.
-    lists, estimate, options = cases.averaging_problem(dtype, case, core)
-    want = cases.run_functional("reference", lists, estimate, **options)
-    got = cases.run_functional("fused", target.to(lists), target.to(estimate), **target.to(options))
-    cases.assert_functional_close(got, want, lists, options)
+    cases.averaging_step_matches(dtype, case, core, target.to)
 
 
 def _padded(tensors, offset):
