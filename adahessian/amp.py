@@ -20,12 +20,14 @@ product, which reads the scaler's flag too); none without one.
 
 from __future__ import annotations
 
-import warnings
 from enum import Enum
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from ._warnings import warn
+from .devices import by_device
 
 UNSCALED_MESSAGE = (
     "AdaHessian cannot step after scaler.unscale_(optimizer) (e.g. for gradient clipping) "
@@ -68,30 +70,46 @@ def loss_scale(optimizer: Any, attached: Any) -> LossScale:
     raise RuntimeError(UNSCALED_MESSAGE)
 
 
-def skipped(scale: LossScale, overflow: Overflow | None) -> bool:
-    """The one decision whether a step is skipped (GradScaler semantics: nothing
-    changes): ``overflow``, the checked Hessian-vector product's outcome, read both
-    flags at once; without one, GradScaler's flag is read now (one host read)."""
-    if overflow is not None:
-        return overflow is not Overflow.NONE
-    return scale.found_inf is not None and bool(scale.found_inf)
+def settle_(scale: LossScale, overflow: Overflow | None, step, distributor):
+    """The GradScaler stage of a step, and its one decision whether the step is skipped
+    (GradScaler semantics: nothing changes; returns None then): the gradients of
+    ``step`` (a :class:`adahessian.distributed.StepLists`) are unscaled in place (so
+    ``p.grad`` is unscaled after ``step()``, as after ``scaler.unscale_``), and averaged
+    across ranks by ``distributor``. A single process decides first, from ``overflow``
+    (the checked Hessian-vector product's outcome, which read both flags at once) or else
+    GradScaler's flag (one host read), and unscales only a step it takes; ranks unscale
+    first (their scales may differ) and decide on the average, so all decide alike.
+    Returns the lists the update runs on."""
+    grads = [g for g in step.grads if g is not None]
+    if not distributor.communicates:
+        if overflow is not None and overflow is not Overflow.NONE:
+            return None
+        if overflow is None and scale.found_inf is not None and bool(scale.found_inf):
+            return None
+        _unscale_gradients_(grads, scale)
+        return step
+    _unscale_gradients_(grads, scale)
+    step = distributor.average_(step)
+    if scale.found_inf is not None and any_nonfinite(step.grads + step.estimate_tensors()):
+        return None
+    return step
 
 
-def unscale_gradients_(grads: list[Tensor], scale: LossScale) -> None:
-    """Divide the gradients by the loss scale, in place (so ``p.grad`` is unscaled after
-    ``step()``, as after ``scaler.unscale_``): the only place gradients are unscaled."""
+def _unscale_gradients_(grads: list[Tensor], scale: LossScale) -> None:
+    """Divide the gradients by the loss scale, in place: the only place gradients are
+    unscaled."""
     if scale.scale is None or not scale.grads_scaled:
         return
-    for device, tensors in _by_device(grads).items():
-        torch._foreach_mul_(tensors, _reciprocal(scale.scale, device))
+    for device, ns in by_device(grads).items():
+        torch._foreach_mul_([grads[n] for n in ns], _reciprocal(scale.scale, device))
 
 
 def unscale_and_check_(tensors: list[Tensor], divisor: Tensor, found_inf: Tensor | None) -> Overflow:
     """Divide ``tensors`` (Hz) by ``divisor`` in place, then check them for inf/NaN (after
     the division: a divisor below 1 can overflow a finite value); one host read, which
     reads GradScaler's ``found_inf`` too."""
-    for device, group in _by_device(tensors).items():
-        torch._foreach_mul_(group, _reciprocal(divisor, device))
+    for device, ns in by_device(tensors).items():
+        torch._foreach_mul_([tensors[n] for n in ns], _reciprocal(divisor, device))
     status = 2 * _nonfinite(tensors).to(torch.int32)
     if found_inf is not None:
         status += (found_inf.to(status.device).reshape(()) > 0).to(torch.int32)
@@ -109,8 +127,9 @@ def any_nonfinite(tensors: list[Tensor]) -> bool:
 def _nonfinite(tensors: list[Tensor]) -> Tensor:
     """A 0-dim bool tensor (no host read): any inf or NaN in ``tensors``? One foreach
     max-norm per device (empty tensors have none, and no max-norm)."""
-    groups = _by_device([t for t in tensors if t.numel()]).values()
-    norms = [n.reshape(1) for ts in groups for n in torch._foreach_norm(ts, float("inf"))]
+    tensors = [t for t in tensors if t.numel()]
+    norms = [n.reshape(1) for ns in by_device(tensors).values()
+             for n in torch._foreach_norm([tensors[k] for k in ns], float("inf"))]
     if not norms:
         return torch.tensor(False)
     device = norms[0].device
@@ -121,13 +140,6 @@ def _reciprocal(scale: Tensor, device: torch.device) -> Tensor:
     """1 / scale as the 0-dim float32 tensor on ``device`` that _foreach_mul_ takes
     (exact for GradScaler's powers of two)."""
     return scale.to(device).double().reciprocal().float().reshape(())
-
-
-def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
-    groups: dict[torch.device, list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault(t.device, []).append(t)
-    return groups
 
 
 class Overflow(Enum):
@@ -178,12 +190,11 @@ class HessianScale:
             self.skipped_steps += 1
             self.consecutive_skips += 1
             if self.consecutive_skips >= 2 and self.consecutive_skips & (self.consecutive_skips - 1) == 0:
-                warnings.warn(
+                warn(
                     f"AdaHessian: {self.consecutive_skips} Hessian steps in a row skipped "
                     f"because the Hessian-vector products were not finite even at a factor "
                     f"{self.scale:g} below the loss scale: the curvature itself overflows "
-                    "(check the loss and the learning rate), or the model produces inf/NaN.",
-                    stacklevel=4,
+                    "(check the loss and the learning rate), or the model produces inf/NaN."
                 )
             return
         self.consecutive_skips = 0

@@ -1,8 +1,9 @@
 """Spatial averaging of the Hessian diagonal D (docs/algorithm.md, section 1, step 2):
 which elements of a tensor share one curvature value, as a function of its shape and of
-three optimizer-wide settings. The reference path averages with :func:`mean_abs`; the
-fused kernels apply the same rule (csrc/include/adahessian/host.h, ``averaging_of``), and
-tests/oracle.py re-derives it in float64.
+three optimizer-wide settings (:class:`Averaging`), derived here once per settings value
+and shape. The reference path averages with :func:`mean_abs`; the fused kernels are told
+each tensor's group size (:attr:`Rule.group`), and tests/oracle.py re-derives the rules
+in float64.
 
 Every rule averages |D| over *consecutive groups of the tensor's logical row-major
 order*, so one group size per tensor describes it:
@@ -37,10 +38,52 @@ SPATIAL_AVERAGING = ("conv2d", "official")
 class Rule(NamedTuple):
     """How one tensor's D is averaged: |D| over ``dims`` (a tuple of trailing dims, empty
     for |D| per element) or, with ``dims`` None, over consecutive blocks of ``group``
-    elements of the flattened tensor. ``group``: the elements per group either way."""
+    elements of the flattened tensor. ``group``: the elements per group either way, in
+    logical row-major order, which is all the fused kernels are told."""
 
     group: int
     dims: tuple[int, ...] | None
+
+
+class Averaging(NamedTuple):
+    """The three settings that decide the averaging, validated (:meth:`of`); their rule
+    per shape is derived once and cached (:meth:`rule`)."""
+
+    average_conv_kernel: bool = False
+    spatial_averaging: str = "conv2d"
+    block_length: int = 1
+
+    @classmethod
+    def of(cls, average_conv_kernel: bool, spatial_averaging: str, block_length: int) -> Averaging:
+        """The settings, ValueError where :func:`validate` refuses them (checked once per value)."""
+        settings = cls(average_conv_kernel, spatial_averaging, block_length)
+        key = (settings, tuple(map(type, settings)))  # True == 1, yet True is no block_length
+        if key not in _VALID:
+            validate(*settings)
+            _VALID.add(key)
+        return settings
+
+    def rule(self, shape: tuple[int, ...], what: str = "a parameter") -> Rule | None:
+        """:func:`rule_of` under these settings, cached per shape (ValueError, naming the
+        tensor as ``what``, for a shape they refuse; a refusal is not cached)."""
+        cache = _RULES.setdefault(self, {})
+        rule = cache.get(shape, _UNKNOWN)
+        if rule is _UNKNOWN:
+            rule = cache[shape] = rule_of(tuple(shape), **self._asdict(), what=what)
+        return rule
+
+    def rules(self, tensors: list[Tensor]) -> list[Rule | None]:
+        """The rule of each tensor (a dictionary read per tensor once its shape is known)."""
+        cache = _RULES.setdefault(self, {})
+        rules = [cache.get(t.shape, _UNKNOWN) for t in tensors]
+        if _UNKNOWN in rules:
+            rules = [self.rule(t.shape) for t in tensors]
+        return rules
+
+
+_UNKNOWN = object()
+_VALID: set[tuple] = set()
+_RULES: dict[Averaging, dict[tuple[int, ...], Rule | None]] = {}
 
 
 def validate(average_conv_kernel: bool, spatial_averaging: str, block_length: int) -> None:

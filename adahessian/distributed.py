@@ -1,5 +1,7 @@
-"""Data parallelism on ``torch.distributed``: averaging gradients and Hessian-vector
-products across ranks in a few flat buckets.
+"""Where the optimizer's work is distributed, chosen once from ``process_group``
+(:func:`distributor_for`): a single process (:class:`SingleProcess`) or data
+parallelism on a ``torch.distributed`` process group (:class:`DataParallel`), which
+averages gradients and Hessian-vector products across ranks in a few flat buckets.
 
 Every rank draws the same z (the sampler is counter-based), so averaging the ranks'
 ``Hz`` gives ``H z`` of the global loss, and ``z * mean(Hz) == mean(z * Hz)`` exactly
@@ -9,7 +11,8 @@ regenerate z instead of reading it.
 
 from __future__ import annotations
 
-import warnings
+import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -17,18 +20,102 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.profiler import record_function
 
+from ._warnings import warn
+
 # Elements per all-reduce: large enough that latency is paid a few times per step,
 # small enough that a flattened copy never needs one contiguous multi-GB block.
 BUCKET_ELEMENTS = 64 * 1024 * 1024
 # The profiler range (torch.profiler) around the whole all-reduce (bucketing, flatten,
-# collectives, copy back), which benchmarks/bench_distributed.py times: a few
-# microseconds once per step, against the milliseconds of the collectives.
+# collectives, copy back): a few microseconds once per step, against the milliseconds
+# of the collectives.
 ALL_REDUCE_RANGE = "adahessian.all_reduce_mean_"
 
 WORLD = "world"
 # What a copy (deepcopy, pickle) of an optimizer holds instead of a ProcessGroup object,
 # which cannot be copied.
 NOT_COPIED = "<a ProcessGroup object, not copied>"
+
+
+class StepLists(NamedTuple):
+    """What a step updates, aligned: (param group index, flat parameter index,
+    parameter) entries, their gradients (None where this rank has none) and the Hessian
+    step's estimate (:class:`adahessian.functional.Estimate`, or None)."""
+
+    entries: list[tuple[int, int, Tensor]]
+    grads: list[Tensor | None]
+    estimate: object
+
+    def estimate_tensors(self) -> list[Tensor]:
+        return [] if self.estimate is None else self.estimate.tensors()
+
+    def select(self, ns: list[int]) -> StepLists:
+        return StepLists([self.entries[n] for n in ns], [self.grads[n] for n in ns],
+                         None if self.estimate is None else self.estimate.select(ns))
+
+
+class SingleProcess:
+    """Each process steps on its own gradients."""
+
+    communicates = False
+    every_trainable = False  # the step takes the parameters that have a gradient
+
+    def check(self, fingerprint: dict[str, int], device: torch.device) -> None:
+        """Warn when torch.distributed runs several ranks that would drift apart."""
+        warn_if_ranks_would_diverge()
+
+    def average_(self, step: StepLists) -> StepLists:
+        return step
+
+
+class DataParallel:
+    """Every rank of ``group`` draws the same z and steps on the ranks' average gradient
+    and Hz. ``last_average_seconds``: the wall time of the last step's averaging (the
+    collectives included), the seam benchmarks time it through."""
+
+    communicates = True
+    # All ranks must lay out their buckets alike: every parameter that requires grad
+    # takes part (None where this rank has no gradient).
+    every_trainable = True
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.last_average_seconds = 0.0
+
+    def check(self, fingerprint: dict[str, int], device: torch.device) -> None:
+        check_same_everywhere(self.group, fingerprint, device)
+
+    def average_(self, step: StepLists) -> StepLists:
+        """Average the gradients and the estimate's tensors in place; the parameters no
+        rank had a gradient for drop out of the step."""
+        start = time.perf_counter()
+        params = [p for _, _, p in step.entries]
+        grads, keep = average_(self.group, params, step.grads, step.estimate_tensors())
+        self.last_average_seconds = time.perf_counter() - start
+        return StepLists(step.entries, grads, step.estimate).select(keep)
+
+
+def distributor_for(process_group, draw, update_each: int, params: list[Tensor]) -> SingleProcess | DataParallel:
+    """The distributor of the ``process_group`` setting (None, "world" or a group),
+    checked: the ranks must agree on the step's ``draw``
+    (:class:`adahessian.accumulation.Draw`), ``update_each`` and the number of
+    parameters (RuntimeError otherwise), and a job of several ranks without a group is
+    warned about."""
+    group = resolve_group(process_group)
+    distributor = SingleProcess() if group is None else DataParallel(group)
+    distributor.check(fingerprint(draw, update_each, len(params)), params[0].device)
+    return distributor
+
+
+def fingerprint(draw, update_each: int, n_params: int) -> dict[str, int]:
+    """What every rank must agree on, for :meth:`DataParallel.check`."""
+    return {
+        "seed": draw.seed,
+        "step counter": draw.step,
+        "Rademacher counter": draw.counter,
+        "update_each": update_each,
+        "n_samples": draw.n_samples,
+        "number of parameters": n_params,
+    }
 
 
 def picklable(process_group):
@@ -56,12 +143,11 @@ def resolve_group(process_group):
 
 def warn_if_ranks_would_diverge() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        warnings.warn(
+        warn(
             f"AdaHessian: torch.distributed runs {dist.get_world_size()} ranks but the optimizer "
             "was given no process_group, so each rank steps on its own gradients and the ranks' "
             "parameters drift apart. Pass AdaHessian(..., process_group='world') (and do not wrap "
-            "the model in DistributedDataParallel, which has no double backward).",
-            stacklevel=4,
+            "the model in DistributedDataParallel, which has no double backward)."
         )
 
 

@@ -30,88 +30,136 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import hutchinson, sampler
+from . import accumulation
+from .accumulation import Accumulated, Accumulator, Draw
+from .devices import by_device
+from .functional import Difference, Estimate
 
-SCHEMES = {"finite_difference": (1.0,), "central_difference": (1.0, -1.0)}
+# Whether each finite-difference hvp setting is the central difference.
+SCHEMES = {"finite_difference": False, "central_difference": True}
 CLOSURE_MESSAGE = (
     "AdaHessian(hvp={hvp!r}) computes Hessian-vector products from extra evaluations of the "
     "loss, so a Hessian step needs step(closure): a closure that zeroes the gradients, "
     "computes the loss, calls loss.backward() (no create_graph) and returns the loss, e.g. "
     "def closure(): optimizer.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss"
 )
+SCALER_MESSAGE = (
+    "AdaHessian(hvp={hvp!r}) does not combine with a GradScaler: its Hessian steps need "
+    "step(closure), and GradScaler.step refuses a closure. Use bfloat16 autocast (it needs "
+    "no scaler), or hvp='autograd' with the scaler."
+)
 
 
-def epsilon(params: list[Tensor], hvp: str) -> float:
-    """The scalar eps for ``params`` (module doc); one host read."""
-    unit = max(torch.finfo(p.dtype).eps / 2 for p in params)
-    root = math.sqrt(unit) if hvp == "finite_difference" else unit ** (1 / 3)
-    squares = [
-        torch.stack(torch._foreach_norm([params[n].detach() for n in ns])).double().square().sum().cpu()
-        for ns in hutchinson.by_device(params).values()
-    ]
-    norm = math.sqrt(float(sum(squares)))
-    return root * (1.0 + norm) / math.sqrt(sum(p.numel() for p in params))
+class FiniteDifference:
+    """The Hessian-vector-product provider of ``hvp="finite_difference"`` (``central``
+    False) and ``"central_difference"`` (the interface: :mod:`adahessian.hutchinson`)."""
 
+    def __init__(self, hvp: str) -> None:
+        self.hvp = hvp
+        self.central = SCHEMES[hvp]
 
-def estimate(
-    closure: Callable[[], Any],
-    params: list[Tensor],
-    indices: list[int],
-    *,
-    hvp: str,
-    acc: hutchinson.Accumulated,
-    seed: int,
-    backend_for: Callable[[torch.device], str],
-) -> Any:
-    """Evaluate ``closure`` at theta and, per sample, at the perturbed points; add the
-    differences' Hessian-vector products to ``acc`` as the gradients and ``1 / eps`` (or
-    ``1 / (2 eps)``), which the kernels difference and scale (``params``: the optimizer's
-    trainable parameters; ``indices``: their flat positions). Returns the closure's
-    loss at theta; ``p.grad`` is the gradient there. RuntimeError when the closure
-    leaves no gradient."""
-    rng = _RandomState(params)
-    with torch.enable_grad():
-        loss = closure()
-    after = _RandomState(params)
-    reached = [n for n, p in enumerate(params) if p.grad is not None]
-    if not reached:
-        raise RuntimeError(
-            "AdaHessian: the closure left no gradient on the optimizer's parameters: it must call "
-            "loss.backward() on a loss computed from them."
-        )
-    params = [params[n] for n in reached]
-    indices = [indices[n] for n in reached]
-    acc.reached.update(indices)
-    grads = [p.grad for p in params]  # their memory: p.grad is written back into it
-    base = [g.detach().clone() for g in grads]
-    theta = [p.detach().clone() for p in params]
-    eps = epsilon(params, hvp)
-    central = hvp == "central_difference"
-    try:
-        for s in range(acc.n_samples):
-            keys = [sampler.rademacher_key(seed, idx, acc.counter + s) for idx in indices]
-            zs = hutchinson.sample(params, keys, backend_for)
-            plus = _gradient_at(closure, params, theta, zs, eps, rng)
-            if central:
-                plus = [g.clone() for g in plus]  # the next evaluation may write into the same memory
-                low = _gradient_at(closure, params, theta, zs, -eps, rng)
-            else:
-                low = base
-            if s == acc.n_samples - 1:
-                # Kept until the step; the end of this call writes g(theta) back into the
-                # first evaluation's gradient memory, where DDP's bucket views put later ones.
-                plus, low = _unaliased(plus, grads), _unaliased(low, grads)
-            # Hz = (plus - low) / step, formed by the backend's ops (the fused kernels: as they read both).
-            hutchinson.add_sample_(acc, s, params, indices, keys, zs, plus, bases=low,
-                                   inv_step=1.0 / (2 * eps if central else eps), backend_for=backend_for)
-    finally:
-        with torch.no_grad():
-            torch._foreach_copy_(params, theta)
-        after.restore()
-        for p, g, b in zip(params, grads, base):
-            g.copy_(b)
-            p.grad = g
-    return loss
+    def check_scaler(self, scaled: bool) -> None:
+        """RuntimeError under a GradScaler (``scaled``), which refuses the closure."""
+        if scaled:
+            raise RuntimeError(SCALER_MESSAGE.format(hvp=self.hvp))
+
+    def evaluate(self, closure: Callable[[], Any] | None, trainable, *, hessian_step: bool, draw: Draw,
+                 factor: float, implementations) -> tuple[Any, Accumulated | None]:
+        """The closure's evaluations: on a Hessian step at theta and at the perturbed
+        points, the products summed into a new :class:`Accumulated` (RuntimeError
+        without a closure); on other steps one evaluation, if any."""
+        if not hessian_step:
+            if closure is None:
+                return None, None
+            with torch.enable_grad():
+                return closure(), None
+        if closure is None:
+            raise RuntimeError(CLOSURE_MESSAGE.format(hvp=self.hvp))
+        acc = Accumulated(draw, factor=factor)
+        params, indices = trainable
+        return self._differences(closure, params, indices, acc, implementations), acc
+
+    def backward(self, accumulator: Accumulator, loss: Tensor, trainable, *, hessian_step: bool, draw: Draw,
+                 factor: float, implementations, floor: float | None) -> None:
+        """``backward`` is a plain one (the products come from ``step(closure)``);
+        ``hessian_backward`` (``floor`` given) is refused."""
+        if floor is not None:
+            raise RuntimeError(
+                f"AdaHessian.hessian_backward() differentiates twice, which hvp={self.hvp!r} is there to "
+                "avoid: its Hessian steps take the products from step(closure). Use hvp='autograd' for a "
+                "sub-batch Hessian."
+            )
+        torch.autograd.backward(loss, inputs=trainable[0])
+
+    def estimate(self, params: list[Tensor], grads: list[Tensor | None], indices: list[int], *,
+                 accumulated: Accumulated, draw: Draw, implementations, record, loss_scale,
+                 hessian_scale) -> tuple[Estimate, None]:
+        """The estimate from the differences :meth:`evaluate` summed for ``draw`` (never
+        loss-scaled: :meth:`check_scaler`)."""
+        return accumulation.from_accumulated(accumulated, params, grads, indices, implementations=implementations,
+                                             record=record, loss_scale=loss_scale)
+
+    def epsilon(self, params: list[Tensor]) -> float:
+        """The scalar eps for ``params`` (module doc); one host read."""
+        unit = max(torch.finfo(p.dtype).eps / 2 for p in params)
+        root = unit ** (1 / 3) if self.central else math.sqrt(unit)
+        squares = [
+            torch.stack(torch._foreach_norm([params[n].detach() for n in ns])).double().square().sum().cpu()
+            for ns in by_device(params).values()
+        ]
+        norm = math.sqrt(float(sum(squares)))
+        return root * (1.0 + norm) / math.sqrt(sum(p.numel() for p in params))
+
+    def _differences(self, closure: Callable[[], Any], params: list[Tensor], indices: list[int], acc: Accumulated,
+                     implementations) -> Any:
+        """Evaluate ``closure`` at theta and, per sample, at the perturbed points; add the
+        differences to ``acc`` (``params``: the optimizer's trainable parameters;
+        ``indices``: their flat positions). Returns the closure's loss at theta;
+        ``p.grad`` is the gradient there. RuntimeError when the closure leaves no
+        gradient."""
+        rng = _RandomState(params)
+        with torch.enable_grad():
+            loss = closure()
+        after = _RandomState(params)
+        reached = [n for n, p in enumerate(params) if p.grad is not None]
+        if not reached:
+            raise RuntimeError(
+                "AdaHessian: the closure left no gradient on the optimizer's parameters: it must call "
+                "loss.backward() on a loss computed from them."
+            )
+        params = [params[n] for n in reached]
+        indices = [indices[n] for n in reached]
+        acc.reached.update(indices)
+        grads = [p.grad for p in params]  # their memory: p.grad is written back into it
+        at_theta = [g.detach().clone() for g in grads]
+        theta = [p.detach().clone() for p in params]
+        eps = self.epsilon(params)
+        try:
+            for s in range(acc.draw.n_samples):
+                keys = acc.draw.keys(indices, s)
+                zs = accumulation.sample(params, keys, implementations)
+                ahead = _gradient_at(closure, params, theta, zs, eps, rng)
+                if self.central:
+                    ahead = [g.clone() for g in ahead]  # the next evaluation may write into the same memory
+                    behind = _gradient_at(closure, params, theta, zs, -eps, rng)
+                else:
+                    behind = at_theta
+                if s == acc.draw.n_samples - 1:
+                    # Kept until the step; the end of this call writes g(theta) back into the
+                    # first evaluation's gradient memory, where DDP's bucket views put later ones.
+                    ahead, behind = _unaliased(ahead, grads), _unaliased(behind, grads)
+                # Hz = (ahead - behind) / step, formed by the backend's ops (the fused kernels: as they read both).
+                difference = Difference(ahead, behind, 1.0 / (2 * eps if self.central else eps))
+                accumulation.add_sample_(acc, s, params, indices, keys, zs, None, difference=difference,
+                                         implementations=implementations)
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, theta)
+            after.restore()
+            for p, g, b in zip(params, grads, at_theta):
+                g.copy_(b)
+                p.grad = g
+        return loss
 
 
 def _unaliased(tensors: list[Tensor], grads: list[Tensor]) -> list[Tensor]:

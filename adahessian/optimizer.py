@@ -1,5 +1,8 @@
-"""``AdaHessian``: a thin ``torch.optim.Optimizer`` that gathers tensor lists and hands
-them to the functional core (:mod:`adahessian.functional`)."""
+"""``AdaHessian``: torch's optimizer contract (as ``torch.optim.Adam``): it validates,
+gathers tensor lists, keeps state and hands off once per step. Where Hz comes from, how
+the work is distributed and which implementation runs are objects chosen when the
+settings change (:mod:`adahessian.settings`, :mod:`adahessian.distributed`); the math
+is the functional core's (:mod:`adahessian.functional`)."""
 
 from __future__ import annotations
 
@@ -11,41 +14,21 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import amp, averaging, distributed, finite_difference, functional, hutchinson
-from .backends import BACKENDS, resolve
+from . import accumulation, amp, distributed, functional, graphs, settings, state_dicts
+from .accumulation import SUB_BATCH_FLOOR, Draw
+from .distributed import StepLists
 from .precision import state_dtype
 
-# Optimizer-wide settings: kept in `defaults` and in every param group (as torch keeps
-# `foreach` and `fused`), equal in all; read and changed through the attributes of the
-# same names (README, "Where settings and counters live"). A change of those that shape
-# D makes the next step a Hessian step.
-SHAPE_D = ("update_each", "n_samples", "average_conv_kernel", "spatial_averaging", "block_length")
-SETTINGS = (*SHAPE_D, "backend", "seed", "hvp")
-HVPS = ("autograd", *finite_difference.SCHEMES)
-# Optimizer-level counters, also in every param group (plain ints and a dict of them):
-# steps taken, the step from which Hessian steps are counted (the last change of a
-# setting that shapes D), Rademacher vectors drawn per parameter so far (the sampler's
-# `counter`), and the record of the Hessian-vector product's loss-scale factor.
-COUNTERS = ("optimizer_step", "hessian_origin", "rademacher_counter", "hessian_scale")
-# hessian_backward's default floor on |D|, relative to its tensor's mean |D|.
-SUB_BATCH_FLOOR = 0.1
-FD_SCALER_MESSAGE = (
-    "AdaHessian(hvp={hvp!r}) does not combine with a GradScaler: its Hessian steps need "
-    "step(closure), and GradScaler.step refuses a closure. Use bfloat16 autocast (it needs "
-    "no scaler), or hvp='autograd' with the scaler."
+__all__ = ["AdaHessian", "SUB_BATCH_FLOOR"]
+
+COMPLEX_MESSAGE = (
+    "AdaHessian does not support complex parameters (the Hessian diagonal of a real loss in complex "
+    "variables is not what its update assumes); optimize torch.view_as_real(param) instead."
 )
-
-
-def _setting(name: str, doc: str) -> property:
-    def get(self: AdaHessian) -> Any:
-        return (self.param_groups[0] if self.param_groups else self.defaults)[name]
-
-    def set_(self: AdaHessian, value: Any) -> None:
-        self.defaults[name] = value
-        for group in self.param_groups:
-            group[name] = value
-
-    return property(get, set_, doc=doc)
+SPARSE_MESSAGE = (
+    "AdaHessian does not support sparse gradients: the Hessian-vector product needs a dense gradient "
+    "graph (use a dense nn.Embedding, sparse=False)."
+)
 
 
 class AdaHessian(Optimizer):
@@ -145,14 +128,14 @@ class AdaHessian(Optimizer):
     # timm's train.py reads this and passes create_graph=True to every backward (its loss scalers' too).
     is_second_order = True
 
-    update_each = _setting("update_each", "Recompute the Hessian diagonal every this many steps (int >= 1).")
-    n_samples = _setting("n_samples", "Rademacher vectors averaged per Hessian estimate (int >= 1).")
-    average_conv_kernel = _setting("average_conv_kernel", "Average |D| over each conv kernel's spatial positions.")
-    spatial_averaging = _setting("spatial_averaging", '"conv2d" or "official" (adahessian/averaging.py).')
-    block_length = _setting("block_length", "Average |D| over blocks of this many elements (1: no blocks).")
-    backend = _setting("backend", '"auto", "fused" or "reference" (README, "Backends").')
-    seed = _setting("seed", "Seed of the counter-based Rademacher sampler, in [0, 2**32).")
-    hvp = _setting("hvp", '"autograd", "finite_difference" or "central_difference" (README, "Without double backward").')
+    update_each = settings.setting("update_each", "Recompute the Hessian diagonal every this many steps (int >= 1).")
+    n_samples = settings.setting("n_samples", "Rademacher vectors averaged per Hessian estimate (int >= 1).")
+    average_conv_kernel = settings.setting("average_conv_kernel", "Average |D| over each conv kernel's spatial positions.")
+    spatial_averaging = settings.setting("spatial_averaging", '"conv2d" or "official" (adahessian/averaging.py).')
+    block_length = settings.setting("block_length", "Average |D| over blocks of this many elements (1: no blocks).")
+    backend = settings.setting("backend", '"auto", "fused" or "reference" (README, "Backends").')
+    seed = settings.setting("seed", "Seed of the counter-based Rademacher sampler, in [0, 2**32).")
+    hvp = settings.setting("hvp", '"autograd", "finite_difference" or "central_difference" (README, "Without double backward").')
 
     def __init__(
         self,
@@ -178,28 +161,24 @@ class AdaHessian(Optimizer):
             update_each=update_each, n_samples=n_samples, average_conv_kernel=bool(average_conv_kernel),
             spatial_averaging=spatial_averaging, block_length=block_length, backend=backend, seed=seed, hvp=hvp,
         )
-        _validate_hyperparameters(defaults)
-        _validate_settings(defaults)
+        settings.validate_hyperparameters(defaults)
+        self._plan = settings.plan_of(defaults)
         self._init_runtime(process_group)
         super().__init__(params, defaults)
-        self._settings = _validate_settings(self.param_groups[0])
 
     def _init_runtime(self, process_group: Any) -> None:
-        """What the optimizer keeps besides `defaults`, `state` and `param_groups`: made
-        anew by the constructor, and by unpickling and deepcopy (which save none of it)."""
-        # torch.distributed: a ProcessGroup, "world" (the default group) or None.
-        self.process_group = process_group
-        self._group = None
-        self._group_checked = False
+        """What the optimizer keeps besides `defaults`, `state`, `param_groups` and the
+        settings' plan: made anew by the constructor, and by unpickling and deepcopy
+        (which save none of it)."""
+        self._process_group = process_group  # a ProcessGroup, "world" (the default group) or None
+        self._distributor = None  # chosen (and the ranks checked) at the next step
         self._hessian_scale = amp.HessianScale()
         self._grad_scaler = None
-        self._backend_cache: dict[tuple[torch.device, str], str] = {}
-        self._graph_record = hutchinson.GraphRecord()
+        self._graph_record = graphs.GraphRecord()
         self._graph_record.bind(self)
-        # Hessian-vector products that backward()/hessian_backward() summed for the next step.
-        self._accumulated: hutchinson.Accumulated | None = None
-        # The parameters _check_shapes passed, under these settings (the tuple itself).
-        self._shapes_checked: tuple[tuple | None, set[Tensor]] = (None, set())
+        self._accumulator = accumulation.Accumulator(self._graph_record)
+        # The parameters _check_shapes passed, under this plan (the plan itself).
+        self._shapes_checked: tuple[settings.Plan | None, set[Tensor]] = (None, set())
 
     # ----------------------------------------------------------------- public API
 
@@ -212,8 +191,29 @@ class AdaHessian(Optimizer):
         again from any change of ``update_each``, ``n_samples`` or
         ``average_conv_kernel``, ``spatial_averaging`` or ``block_length`` (the next step after a change is a Hessian step, as in a
         fresh run with the new settings)."""
-        self._sync_settings()
-        return (self._counter("optimizer_step") - self._counter("hessian_origin")) % self.update_each == 0
+        plan, shapes_d = settings.resync(self.param_groups, self._plan)
+        step = self._counter("optimizer_step")
+        return (step - (step if shapes_d else self._counter("hessian_origin"))) % plan.update_each == 0
+
+    @property
+    def process_group(self) -> Any:
+        """``None``, ``"world"`` or the ``torch.distributed`` process group whose ranks'
+        gradients and Hessian estimates are averaged; a new value takes effect (and is
+        checked across ranks) at the next step."""
+        return self._process_group
+
+    @process_group.setter
+    def process_group(self, value: Any) -> None:
+        self._process_group, self._distributor = value, None
+
+    @property
+    def distributor(self) -> distributed.SingleProcess | distributed.DataParallel | None:
+        """How the last step was distributed (None before the first step, and after a
+        change of ``process_group`` or of a setting until the next): a
+        :class:`~adahessian.distributed.SingleProcess` or
+        :class:`~adahessian.distributed.DataParallel`, whose ``last_average_seconds``
+        times the step's averaging across ranks."""
+        return self._distributor
 
     def attach_grad_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
         """Tell the optimizer which ``torch.amp.GradScaler`` scales its loss (None
@@ -239,23 +239,20 @@ class AdaHessian(Optimizer):
             params = list(params)
         param_group["params"] = params
         group = {**self.defaults, **param_group}
-        _validate_hyperparameters(group)
-        _validate_settings(group)
+        settings.validate_hyperparameters(group)
         if self.param_groups:
-            _check_same_settings(group, self.param_groups[0])
+            settings.check_same_settings(group, self.param_groups[0])
+        plan = settings.resync([group], self._plan)[0]  # ValueError for a bad setting
         for p in params if isinstance(params, list) else ():
             if torch.is_tensor(p) and p.is_complex():
-                raise RuntimeError(
-                    "AdaHessian does not support complex parameters (the Hessian diagonal of a "
-                    "real loss in complex variables is not what its update assumes); optimize "
-                    "torch.view_as_real(param) instead."
-                )
+                raise RuntimeError(COMPLEX_MESSAGE)
             if torch.is_tensor(p) and p.device.type != "meta":
-                self._backend_for(p.device, group["backend"])  # backend="fused" fails here, not at step()
-        for name in COUNTERS:
-            param_group[name] = _initial_counter(name) if not self.param_groups else copy.deepcopy(self._counter(name))
+                plan.implementations.on(p.device)  # backend="fused" fails here, not at step()
+        for name in settings.COUNTERS:
+            param_group[name] = settings.initial_counter(name) if not self.param_groups else copy.deepcopy(self._counter(name))
         first = len(self._flat_params())
         super().add_param_group(param_group)
+        self._plan = plan if len(self.param_groups) == 1 else self._plan
         for i, p in enumerate(self.param_groups[-1]["params"]):
             self._graph_record.watch(first + i, p)
 
@@ -283,7 +280,7 @@ class AdaHessian(Optimizer):
                 step's first call; fused attention in the graph (see
                 :func:`adahessian.math_attention`).
         """
-        self._backward(loss, gradients=True)
+        self._backward(loss, floor=None)
 
     def hessian_backward(self, loss: Tensor, *, floor: float = SUB_BATCH_FLOOR) -> None:
         """Accumulate the Hessian-vector products of ``loss`` for the next step without
@@ -314,17 +311,13 @@ class AdaHessian(Optimizer):
             RuntimeError: as :meth:`backward`; also with a finite-difference ``hvp``
                 (this differentiates twice, which that setting is there to avoid).
         """
-        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= floor <= 1.0:
-            raise ValueError(f"Invalid floor: {floor!r} (a fraction of the mean |D|, in [0, 1])")
-        self._backward(loss, gradients=False)
-        if self._accumulated is not None:
-            self._accumulated.floor = max(self._accumulated.floor, floor)
+        self._backward(loss, floor=accumulation.checked_floor(floor))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim's; also drops the Hessian-vector products accumulated by
         :meth:`backward` and :meth:`hessian_backward` since the last step."""
         super().zero_grad(set_to_none)
-        self._accumulated = None
+        self._accumulator.take()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -333,36 +326,26 @@ class AdaHessian(Optimizer):
         (a plain ``backward()`` with ``hvp="finite_difference"``/``"central_difference"``,
         whose Hessian steps need it: they evaluate it again at perturbed parameters)
         and returns the loss, which ``step`` returns (at the unperturbed parameters)."""
-        if self.hvp != "autograd" and (getattr(self, "found_inf", None) is not None or self._grad_scaler is not None):
-            raise RuntimeError(FD_SCALER_MESSAGE.format(hvp=self.hvp))
-        loss = None
+        plan = self._sync()
+        plan.hvp.check_scaler(getattr(self, "found_inf", None) is not None or self._grad_scaler is not None)
         try:
-            if self.hvp != "autograd" and self.hessian_due:
-                loss = self._differences(closure)
-            elif closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            self._step()
+            hessian_step = self.hessian_due
+            loss, differences = plan.hvp.evaluate(closure, self._trainable() if hessian_step else None,
+                                                  hessian_step=hessian_step, draw=self._draw(),
+                                                  factor=self._hessian_scale.scale, implementations=plan.implementations)
+            accumulated = self._accumulator.take() if differences is None else differences
+            self._step(plan, hessian_step, accumulated)
         finally:
-            self._accumulated = None
-            self._release_graphs()
+            self._accumulator.take()
+            accumulation.release_graphs(self._flat_params())
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's. The settings and counters saved in the param groups win over
         the constructor's; a state dict saved by an earlier version (counters under a
         top-level "adahessian" key) loads too."""
-        # torch casts every state tensor to its parameter's dtype; m, v and D of a
-        # bfloat16/float16 parameter stay float32 (docs/algorithm.md, section 1): __setstate__ re-reads
-        # them from the dict that is loaded, i.e. after every pre hook (ours runs last).
-        loading: list[dict[str, Any]] = []
-        handle = self.register_load_state_dict_pre_hook(lambda _, loaded: loading.append(loaded))
-        self._loading = loading
-        try:
-            super().load_state_dict(_upgrade(state_dict, self.defaults))
-        finally:
-            handle.remove()
-            del self._loading
+        with state_dicts.loading(self):
+            super().load_state_dict(state_dicts.upgrade(state_dict, self.defaults))
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -375,41 +358,159 @@ class AdaHessian(Optimizer):
         """Unpickling and deepcopy, and the end of ``load_state_dict``: missing settings
         and counters are filled in, and the runtime is rebuilt."""
         process_group = state.pop("process_group", None)
-        unpickled = "_backend_cache" not in self.__dict__
+        unpickled = "_accumulator" not in self.__dict__
         super().__setstate__(state)
-        for group in self.param_groups:
-            for name in SETTINGS:
-                group.setdefault(name, self.defaults[name])
-            for name in COUNTERS:
-                group.setdefault(name, _initial_counter(name))
-        self.defaults.update({name: self.param_groups[0][name] for name in SETTINGS})
+        state_dicts.fill_in(self.param_groups, self.defaults)
         if unpickled:
             self._init_runtime(process_group)
             for i, p in enumerate(self._flat_params()):
                 self._graph_record.watch(i, p)
         if self.__dict__.get("_loading"):
-            self._restore_state_dtypes(self._loading[-1])
+            state_dicts.restore_state_dtypes(self.state, self._flat_params(), self._loading[-1])
         self._hessian_scale.load_state_dict(self._counter("hessian_scale"))
-        self._settings = _validate_settings(self.param_groups[0])
-        self._group_checked = False  # re-check that the ranks agree on the loaded counters
-
-    def _restore_state_dtypes(self, loaded: dict[str, Any]) -> None:
-        """After torch's casts: ``step`` as a Python int (torch's own format stores a
-        tensor), and float32 m, v and D for bfloat16/float16 parameters, from ``loaded``."""
-        saved_ids = [i for group in loaded["param_groups"] for i in group["params"]]
-        for saved_id, p in zip(saved_ids, self._flat_params()):
-            state = self.state.get(p)
-            if not state:
-                continue
-            if isinstance(state.get("step"), Tensor):
-                state["step"] = int(state["step"].item())
-            dtype = state_dtype(p)
-            if dtype != p.dtype:
-                for key, value in loaded["state"][saved_id].items():
-                    if isinstance(value, Tensor) and key != "step":
-                        state[key] = value.to(device=p.device, dtype=dtype)
+        self._plan = settings.plan_of(self.param_groups[0], self.__dict__.get("_plan"))
+        self._distributor = None  # re-check that the ranks agree on the loaded counters
 
     # ------------------------------------------------------------------ internals
+
+    def _step(self, plan: settings.Plan, hessian_step: bool, accumulated: accumulation.Accumulated | None) -> None:
+        scale = amp.loss_scale(self, self._grad_scaler)
+        distributor = self._checked_distributor()
+        entries, grads = self._gather(every_trainable=distributor.every_trainable)
+        self._check_shapes(plan, entries)
+        if accumulated is not None:
+            accumulation.check_draw(accumulated, self._draw() if hessian_step else None)
+            accumulation.refuse_mixing(grads)
+        if not entries:
+            return
+        if state_dicts.initialises_state(self.param_groups, entries, grads, self._graph_record):
+            for _, _, p in entries:
+                self.state[p] = self.state[p] or _new_state(p)
+            return
+        estimate, overflow = None, None
+        if hessian_step:
+            estimate, overflow = plan.hvp.estimate(
+                [p for _, _, p in entries], grads, [idx for _, idx, _ in entries], accumulated=accumulated,
+                draw=self._draw(), implementations=plan.implementations, record=self._graph_record,
+                loss_scale=scale, hessian_scale=self._hessian_scale,
+            )
+            if overflow is not None:
+                self._set_counter("hessian_scale", self._hessian_scale.state_dict())
+        step = amp.settle_(scale, overflow, StepLists(entries, grads, estimate), distributor)
+        if step is None:
+            return
+        if accumulated is not None and accumulated.floor:  # on the ranks' average
+            accumulation.floor_(step.estimate, accumulated.floor, plan.n_samples)
+        self._update(plan, step)
+        self._set_counter("optimizer_step", self._counter("optimizer_step") + 1)
+        if hessian_step:
+            self._set_counter("rademacher_counter", self._counter("rademacher_counter") + plan.n_samples)
+
+    def _backward(self, loss: Tensor, *, floor: float | None) -> None:
+        """backward() (``floor`` None) and hessian_backward()."""
+        accumulation.check_loss(loss, "backward" if floor is None else "hessian_backward")
+        plan = self._sync()
+        plan.hvp.backward(self._accumulator, loss, self._trainable(), hessian_step=self.hessian_due,
+                          draw=self._draw(), factor=self._hessian_scale.scale, implementations=plan.implementations,
+                          floor=floor)
+
+    def _sync(self) -> settings.Plan:
+        """The plan of today's settings, made when they changed since the last look
+        (ValueError: a bad value, or groups that disagree); a change of one that shapes
+        D restarts the count of Hessian steps here."""
+        plan, shapes_d = settings.resync(self.param_groups, self._plan)
+        if plan is not self._plan:
+            self._plan, self._distributor = plan, None  # the ranks must agree on the new values
+            if shapes_d:
+                self._set_counter("hessian_origin", self._counter("optimizer_step"))
+        return plan
+
+    def _checked_distributor(self) -> distributed.SingleProcess | distributed.DataParallel:
+        """The distributor of ``process_group``, chosen at the first step after a change
+        of it or of the settings, when the ranks are checked to agree."""
+        if self._distributor is None:
+            self._distributor = distributed.distributor_for(self.process_group, self._draw(), self.update_each,
+                                                            self._flat_params())
+        return self._distributor
+
+    def _draw(self) -> Draw:
+        """What the next step's z depend on."""
+        return Draw(self._counter("optimizer_step"), self._counter("rademacher_counter"), self.n_samples, self.seed)
+
+    def _gather(self, every_trainable: bool) -> tuple[list[tuple[int, int, Tensor]], list[Tensor | None]]:
+        """(group index, flat parameter index, parameter) of every parameter with a
+        gradient (``every_trainable``: of every one that requires grad, None where it has
+        no gradient), and the gradients."""
+        entries, grads = [], []
+        flat_index = 0
+        for g, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(SPARSE_MESSAGE)
+                if p.grad is not None or (every_trainable and p.requires_grad):
+                    entries.append((g, flat_index, p))
+                    grads.append(p.grad)
+                flat_index += 1
+        return entries, grads
+
+    def _check_shapes(self, plan: settings.Plan, entries) -> None:
+        """ValueError for a parameter whose shape the averaging settings refuse, before
+        the step changes anything (the state's step counts, the gradients, the product).
+        Each parameter once per value of the settings: not a per-step cost."""
+        checking, checked = self._shapes_checked
+        if checking is not plan:
+            checked = set()
+            self._shapes_checked = (plan, checked)
+        for g, flat_index, p in entries:
+            if p not in checked:
+                plan.averaging.rule(p.shape, what=f"the optimizer's parameter {flat_index} (in param group {g})")
+                checked.add(p)
+
+    def _update(self, plan: settings.Plan, step: StepLists) -> None:
+        """Bring each parameter's state to what today's settings keep, and run the
+        functional core once per (param group, device): model parallel never hands one
+        kernel call tensors of several devices."""
+        buckets: dict[tuple[int, torch.device], list[int]] = {}
+        hessian_step = step.estimate is not None
+        for n, (g, _, p) in enumerate(step.entries):
+            if self._prepare_state(p, plan, hessian_step=hessian_step):
+                buckets.setdefault((g, p.device), []).append(n)
+        for (g, device), ns in buckets.items():
+            group = self.param_groups[g]
+            params = [step.entries[n][2] for n in ns]
+            states = [self.state[p] for p in params]
+            beta1, beta2 = group["betas"]
+            functional.adahessian(
+                params, [step.grads[n] for n in ns], [s["exp_avg"] for s in states],
+                [s["exp_hessian_diag_sq"] for s in states], [s.get("hessian") for s in states],
+                [s["step"] for s in states], estimate=step.estimate.select(ns) if hessian_step else None,
+                n_samples=plan.n_samples, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
+                **plan.averaging._asdict(), backend=plan.implementations.on(device),
+            )
+
+    def _prepare_state(self, p: Tensor, plan: settings.Plan, *, hessian_step: bool) -> bool:
+        """Make ``p``'s state what a fresh run with today's settings keeps (D between
+        Hessian steps only when update_each > 1: settings may have changed) and count the
+        step; False when ``p`` has no D yet and waits for the next Hessian step."""
+        state = self.state[p]
+        if not hessian_step:
+            if "hessian" not in state:
+                return False
+        else:
+            if not state:
+                state.update(_new_state(p))
+            if plan.update_each > 1 and "hessian" not in state:
+                state["hessian"] = _zeros_like_state(p)
+            elif plan.update_each == 1:
+                state.pop("hessian", None)
+        state["step"] += 1
+        return True
+
+    def _trainable(self) -> tuple[list[Tensor], list[int]]:
+        """The parameters that require grad, and their flat indices (the sampler's)."""
+        pairs = [(idx, p) for idx, p in enumerate(self._flat_params()) if p.requires_grad]
+        return [p for _, p in pairs], [idx for idx, _ in pairs]
 
     def _flat_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -421,363 +522,11 @@ class AdaHessian(Optimizer):
         for group in self.param_groups:
             group[name] = copy.deepcopy(value) if isinstance(value, dict) else value
 
-    def _backend_for(self, device: torch.device, requested: str | None = None) -> str:
-        """The backend that runs on ``device`` for the ``requested`` one (default: the
-        optimizer's), resolved once per pair (``auto`` warns once)."""
-        key = (device, requested or self.backend)
-        backend = self._backend_cache.get(key)
-        if backend is None:
-            backend = self._backend_cache[key] = resolve(key[1], device)
-        return backend
 
-    def _sync_settings(self) -> None:
-        """Validate the optimizer-wide settings when they changed since the last look
-        (ValueError: a bad value, or groups that disagree); a change of one that shapes
-        D restarts the count of Hessian steps here."""
-        first = self.param_groups[0]
-        for group in self.param_groups[1:]:
-            _check_same_settings(group, first)
-        settings = tuple(first[name] for name in SETTINGS)
-        if not any(map(_differs, settings, self._settings)):
-            return
-        shapes_d = any(map(_differs, settings[: len(SHAPE_D)], self._settings[: len(SHAPE_D)]))
-        self._settings = _validate_settings(first)
-        if shapes_d:
-            self._set_counter("hessian_origin", self._counter("optimizer_step"))
-        self._group_checked = False  # the ranks must agree on the new values
-
-    def _backward(self, loss: Tensor, *, gradients: bool) -> None:
-        """backward() (``gradients``) and hessian_backward()."""
-        if not (isinstance(loss, Tensor) and loss.requires_grad):
-            raise RuntimeError(
-                f"AdaHessian.{'backward' if gradients else 'hessian_backward'}() needs a loss tensor that "
-                f"requires grad, got {loss!r}: compute it from the model's outputs with grad mode on "
-                "(not under torch.no_grad() or inference_mode, and not .detach()ed or .item())."
-            )
-        pairs = [(idx, p) for idx, p in enumerate(self._flat_params()) if p.requires_grad]
-        indices, params = [idx for idx, _ in pairs], [p for _, p in pairs]
-        if self.hvp != "autograd" and not gradients:
-            raise RuntimeError(
-                f"AdaHessian.hessian_backward() differentiates twice, which hvp={self.hvp!r} is there to "
-                "avoid: its Hessian steps take the products from step(closure). Use hvp='autograd' for a "
-                "sub-batch Hessian."
-            )
-        if not self.hessian_due or self.hvp != "autograd":
-            if gradients:
-                torch.autograd.backward(loss, inputs=params)
-            return
-        self._refuse_mixing([p.grad for p in params])
-        if self._accumulated is None:
-            self._accumulated = self._new_accumulated()
-        self._check_accumulated(self._accumulated)
-        try:
-            if gradients:
-                before = [p.grad for p in params]
-                torch.autograd.backward(loss, inputs=params, create_graph=True)
-                grads = [p.grad if p.grad is not b else None for p, b in zip(params, before)]
-            else:
-                grads = list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
-            if all(g is None for g in grads):
-                raise RuntimeError(
-                    "AdaHessian: the loss reaches none of the optimizer's parameters (no gradient "
-                    "flows to them): pass the loss computed from the model this optimizer trains."
-                )
-            hutchinson.accumulate_(
-                self._accumulated, grads, params, indices, seed=self.seed, backend_for=self._backend_for,
-                record=self._graph_record, retain_graph=False,
-            )
-        finally:
-            self._release_graphs()
-
-    def _refuse_mixing(self, grads: list[Tensor | None]) -> None:
-        if any(g is not None and hutchinson.has_graph(g) for g in grads):
-            raise RuntimeError(
-                "AdaHessian: this step mixes optimizer.backward()/hessian_backward() with "
-                "loss.backward(create_graph=True); use one of them per step (optimizer.backward(loss) "
-                "is the drop-in for loss.backward(create_graph=...))."
-            )
-
-    def _differences(self, closure: Callable[[], Any] | None) -> Any:
-        """A finite-difference Hessian step's evaluations of ``closure``: the products go
-        to ``_accumulated``, as backward()'s do; the loss at theta is returned."""
-        if closure is None:
-            raise RuntimeError(finite_difference.CLOSURE_MESSAGE.format(hvp=self.hvp))
-        accumulated = self._new_accumulated()
-        pairs = [(idx, p) for idx, p in enumerate(self._flat_params()) if p.requires_grad]
-        loss = finite_difference.estimate(
-            closure, [p for _, p in pairs], [idx for idx, _ in pairs], hvp=self.hvp, acc=accumulated,
-            seed=self.seed, backend_for=self._backend_for,
-        )
-        self._accumulated = accumulated  # after the closure's zero_grad(), which drops it
-        return loss
-
-    def _new_accumulated(self) -> hutchinson.Accumulated:
-        return hutchinson.Accumulated(**self._step_identity(), factor=self._hessian_scale.scale)
-
-    def _step_identity(self) -> dict[str, int]:
-        """What the next step's z depend on."""
-        return dict(step=self._counter("optimizer_step"), counter=self._counter("rademacher_counter"),
-                    n_samples=self.n_samples, seed=self.seed)
-
-    def _check_accumulated(self, accumulated: hutchinson.Accumulated, hessian_step: bool = True) -> None:
-        """RuntimeError unless ``accumulated`` was made for this step's z (a change of
-        n_samples or seed, or a load_state_dict, since the first backward() of the step)."""
-        if not (hessian_step and accumulated.belongs_to(**self._step_identity())):
-            raise RuntimeError(
-                "AdaHessian: the Hessian-vector products accumulated by optimizer.backward()/"
-                "hessian_backward() belong to another step (n_samples or seed changed, or a state_dict "
-                "was loaded, since the step's first backward): call zero_grad() and compute them again."
-            )
-
-    def _step(self) -> None:
-        scale = amp.loss_scale(self, self._grad_scaler)
-        group = self._distributed_group()
-        hessian_step = self.hessian_due
-        accumulated, self._accumulated = self._accumulated, None  # used by this step only
-        entries, grads = self._gather(every_trainable=group is not None)
-        self._check_shapes(entries)
-        if accumulated is not None:
-            self._check_accumulated(accumulated, hessian_step)
-            self._refuse_mixing(grads)
-        if not entries:
-            return
-        if self._initialises_state(entries, grads):
-            for _, _, p in entries:
-                if not self.state[p]:
-                    self.state[p].update(step=0, exp_avg=_zeros_like_state(p), exp_hessian_diag_sq=_zeros_like_state(p))
-            return
-        estimate, overflow = None, None
-        if hessian_step:
-            estimate, overflow = hutchinson.estimate(
-                [p for _, _, p in entries], grads, [idx for _, idx, _ in entries], accumulated=accumulated,
-                seed=self.seed, counter=self._counter("rademacher_counter"), n_samples=self.n_samples,
-                backend_for=self._backend_for, record=self._graph_record, loss_scale=scale,
-                hessian_scale=self._hessian_scale,
-            )
-            if overflow is not None:
-                self._set_counter("hessian_scale", self._hessian_scale.state_dict())
-        # GradScaler's skip is decided by amp alone (single process: from the flags read
-        # with the product, or GradScaler's; distributed: after the reduce, so that every
-        # rank takes the same decision). Hz came out unscaled; the gradients are
-        # unscaled here, in place.
-        if group is None:
-            if amp.skipped(scale, overflow):
-                return
-            amp.unscale_gradients_([g for g in grads if g is not None], scale)
-        else:
-            amp.unscale_gradients_([g for g in grads if g is not None], scale)
-            grads, keep = distributed.average_(group, [p for _, _, p in entries], grads, estimate.tensors() if estimate else [])
-            entries, grads = [entries[n] for n in keep], [grads[n] for n in keep]
-            estimate = None if estimate is None else estimate.select(keep)
-            if scale.found_inf is not None and amp.any_nonfinite(grads + (estimate.tensors() if estimate else [])):
-                return
-        if accumulated is not None and accumulated.floor:  # on the ranks' average
-            hutchinson.floor_(estimate, accumulated.floor, self.n_samples)
-
-        self._update(entries, grads, estimate)
-        self._set_counter("optimizer_step", self._counter("optimizer_step") + 1)
-        if hessian_step:
-            self._set_counter("rademacher_counter", self._counter("rademacher_counter") + self.n_samples)
-
-    def _initialises_state(self, entries, grads) -> bool:
-        """Is this torch.distributed.checkpoint making the state (its
-        ``_init_optim_state``: one step, every lr set to 0, on zero gradients set by hand)?
-        Then the step only creates the state a first step would, and counts nothing, so
-        that a checkpoint of a fresh optimizer resumes as a fresh run."""
-        if any(float(group["lr"]) != 0.0 for group in self.param_groups):
-            return False
-        return all(
-            grad is None or (not grad.requires_grad and not self._graph_record.seen(idx) and not grad.any())
-            for (_, idx, _), grad in zip(entries, grads)
-        )
-
-    def _gather(self, every_trainable: bool) -> tuple[list[tuple[int, int, Tensor]], list[Tensor | None]]:
-        """(group index, flat parameter index, parameter) of every parameter with a
-        gradient, and the gradients. Distributed, every parameter that requires grad
-        takes part (None where this rank has no gradient): all ranks must lay out their
-        buckets alike."""
-        entries, grads = [], []
-        flat_index = 0
-        for g, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError(
-                        "AdaHessian does not support sparse gradients: the Hessian-vector "
-                        "product needs a dense gradient graph (use a dense nn.Embedding, "
-                        "sparse=False)."
-                    )
-                if p.grad is not None or (every_trainable and p.requires_grad):
-                    entries.append((g, flat_index, p))
-                    grads.append(p.grad)
-                flat_index += 1
-        return entries, grads
-
-    def _check_shapes(self, entries) -> None:
-        """ValueError for a parameter whose shape the averaging settings refuse, before
-        the step changes anything (the state's step counts, the gradients, the product).
-        Each parameter once per value of the settings: not a per-step cost."""
-        settings, checked = self._shapes_checked
-        if settings is not self._settings:
-            settings, checked = self._shapes_checked = (self._settings, set())
-        for g, flat_index, p in entries:
-            if p in checked:
-                continue
-            averaging.rule_of(
-                tuple(p.shape), average_conv_kernel=self.average_conv_kernel, spatial_averaging=self.spatial_averaging,
-                block_length=self.block_length, what=f"the optimizer's parameter {flat_index} (in param group {g})",
-            )
-            checked.add(p)
-
-    def _update(self, entries, grads, estimate: hutchinson.Estimate | None) -> None:
-        """Bring each parameter's state to what today's settings keep, and run the
-        functional core once per (param group, device): model parallel never hands one
-        kernel call tensors of several devices."""
-        buckets: dict[tuple[int, torch.device], list[int]] = {}
-        for n, (g, _, p) in enumerate(entries):
-            if self._prepare_state(p, hessian_step=estimate is not None):
-                buckets.setdefault((g, p.device), []).append(n)
-        for (g, device), ns in buckets.items():
-            group = self.param_groups[g]
-            params = [entries[n][2] for n in ns]
-            states = [self.state[p] for p in params]
-            beta1, beta2 = group["betas"]
-            functional.adahessian(
-                params, [grads[n] for n in ns], [s["exp_avg"] for s in states],
-                [s["exp_hessian_diag_sq"] for s in states], [s.get("hessian") for s in states],
-                [s["step"] for s in states], estimate=None if estimate is None else estimate.select(ns),
-                n_samples=self.n_samples, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
-                average_conv_kernel=self.average_conv_kernel, spatial_averaging=self.spatial_averaging,
-                block_length=self.block_length, backend=self._backend_for(device),
-            )
-
-    def _prepare_state(self, p: Tensor, *, hessian_step: bool) -> bool:
-        """Make ``p``'s state what a fresh run with today's settings keeps (D between
-        Hessian steps only when update_each > 1: settings may have changed) and count the
-        step; False when ``p`` has no D yet and waits for the next Hessian step."""
-        state = self.state[p]
-        if not hessian_step:
-            if "hessian" not in state:
-                return False
-        else:
-            if not state:
-                state.update(step=0, exp_avg=_zeros_like_state(p), exp_hessian_diag_sq=_zeros_like_state(p))
-            if self.update_each > 1 and "hessian" not in state:
-                state["hessian"] = _zeros_like_state(p)
-            elif self.update_each == 1:
-                state.pop("hessian", None)
-        state["step"] += 1
-        return True
-
-    def _distributed_group(self):
-        """The resolved process group (None when single-process); on the first step,
-        the one-time checks that the ranks agree."""
-        if self._group_checked:
-            return self._group
-        self._group = distributed.resolve_group(self.process_group)
-        if self._group is None:
-            distributed.warn_if_ranks_would_diverge()
-        else:
-            device = next(iter(self._flat_params())).device
-            distributed.check_same_everywhere(self._group, self._sync_fingerprint(), device)
-        self._group_checked = True
-        return self._group
-
-    def _sync_fingerprint(self) -> dict[str, int]:
-        return {
-            "seed": self.seed,
-            "step counter": self._counter("optimizer_step"),
-            "Rademacher counter": self._counter("rademacher_counter"),
-            "update_each": self.update_each,
-            "n_samples": self.n_samples,
-            "number of parameters": len(self._flat_params()),
-        }
-
-    def _release_graphs(self) -> None:
-        # backward(create_graph=True) makes param -> grad -> graph -> param cycles that
-        # gc cannot see through (they pass through C++); dropping the graph breaks them.
-        for p in self._flat_params():
-            if p.grad is not None and p.grad.requires_grad:
-                p.grad = p.grad.detach()
+def _new_state(p: Tensor) -> dict[str, Any]:
+    """A parameter's state before its first step."""
+    return dict(step=0, exp_avg=_zeros_like_state(p), exp_hessian_diag_sq=_zeros_like_state(p))
 
 
 def _zeros_like_state(p: Tensor) -> Tensor:
     return torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
-
-
-def _initial_counter(name: str) -> Any:
-    return amp.HessianScale().state_dict() if name == "hessian_scale" else 0
-
-
-def _upgrade(state_dict: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """A state dict of an earlier version (counters and seed, later settings too, in a
-    top-level "adahessian" key) in today's layout (all in the param groups); settings
-    it lacks are today's."""
-    if "adahessian" not in state_dict:
-        return state_dict
-    saved = state_dict["adahessian"]
-    values = {name: saved.get(name, defaults[name]) for name in SETTINGS}
-    values.update(
-        optimizer_step=int(saved["step"]), hessian_origin=int(saved.get("hessian_origin", 0)),
-        rademacher_counter=int(saved["counter"]),
-        hessian_scale=dict(saved.get("hessian_scale", _initial_counter("hessian_scale"))),
-    )
-    groups = [{**group, **values} for group in state_dict["param_groups"]]
-    return {**{k: v for k, v in state_dict.items() if k != "adahessian"}, "param_groups": groups}
-
-
-def _differs(a: Any, b: Any) -> bool:
-    """Whether two setting values differ, in type too (True == 1, yet True is no update_each)."""
-    return type(a) is not type(b) or a != b
-
-
-def _check_same_settings(group: dict[str, Any], first: dict[str, Any]) -> None:
-    """ValueError unless ``group`` holds the optimizer-wide settings of ``first``."""
-    differ = [name for name in SETTINGS if _differs(group[name], first[name])]
-    if differ:
-        names = ", ".join(differ)
-        raise ValueError(
-            f"AdaHessian: the param groups disagree on {names}; {names} must be the same in every param group "
-            f"(an optimizer-wide setting): set it for all groups with optimizer.{differ[0]} = value"
-        )
-
-
-def _validate_settings(group: dict[str, Any]) -> tuple:
-    """Check the optimizer-wide settings in ``group`` (ValueError naming the bad one);
-    their tuple."""
-    update_each, n_samples, seed, backend = group["update_each"], group["n_samples"], group["seed"], group["backend"]
-    if not (isinstance(update_each, int) and not isinstance(update_each, bool) and update_each >= 1):
-        raise ValueError(f"Invalid update_each: {update_each!r} (an int >= 1)")
-    if not (isinstance(n_samples, int) and not isinstance(n_samples, bool) and n_samples >= 1):
-        raise ValueError(f"Invalid n_samples: {n_samples!r} (an int >= 1)")
-    if not isinstance(group["average_conv_kernel"], bool):
-        raise ValueError(f"Invalid average_conv_kernel: {group['average_conv_kernel']!r} (a bool)")
-    averaging.validate(group["average_conv_kernel"], group["spatial_averaging"], group["block_length"])
-    if backend not in BACKENDS:
-        raise ValueError(f"Invalid backend: {backend!r} (one of {', '.join(map(repr, BACKENDS))})")
-    if not (isinstance(seed, int) and 0 <= seed < 2**32):
-        raise ValueError(f"Invalid seed: {seed} (an int in [0, 2**32))")
-    if group["hvp"] not in HVPS:
-        raise ValueError(f"Invalid hvp: {group['hvp']!r} (one of {', '.join(map(repr, HVPS))})")
-    return tuple(group[name] for name in SETTINGS)
-
-
-def _validate_hyperparameters(group: dict[str, Any]) -> None:
-    lr, eps, betas, hessian_power = group["lr"], group["eps"], group["betas"], group["hessian_power"]
-    if isinstance(lr, Tensor):
-        raise ValueError(
-            f"Invalid learning rate: a tensor ({lr!r}); AdaHessian takes lr as a Python float "
-            "(its step is not capturable, so a tensor lr buys nothing): pass float(lr)"
-        )
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= group["weight_decay"]:
-        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-    if not 0.0 <= hessian_power <= 1.0:
-        raise ValueError(f"Invalid Hessian power value: {hessian_power}")

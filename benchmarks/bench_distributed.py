@@ -21,34 +21,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile, record_function
 
 from adahessian import AdaHessian
-from adahessian.distributed import ALL_REDUCE_RANGE
 
 from .common import CifarResNet, write_results
 
-STEP_RANGE = "bench_distributed.step"
-
-
-def comm_per_step(events):
-    """Seconds in the library's all-reduce (its profiler range: bucketing, flatten,
-    collectives, copy back) within each profiled step, in order."""
-    steps = sorted((e.time_range for e in events if e.name == STEP_RANGE), key=lambda r: r.start)
-    comms = [e.time_range for e in events if e.name == ALL_REDUCE_RANGE]
-    return [sum(c.elapsed_us() for c in comms if s.start <= c.start and c.end <= s.end) / 1e6 for s in steps]
-
-
 def iteration(model, opt, x, y):
-    """One training iteration; its time and its opt.step()'s, in seconds."""
+    """One training iteration: its time, its opt.step()'s and the step's averaging across
+    ranks (the distributor's ``last_average_seconds``: bucketing, flatten, collectives,
+    copy back), in seconds."""
     start = time.perf_counter()
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward(create_graph=opt.hessian_due)
     mid = time.perf_counter()
-    with record_function(STEP_RANGE):
-        opt.step()
+    opt.step()
     end = time.perf_counter()
-    return end - start, end - mid
+    return end - start, end - mid, opt.distributor.last_average_seconds
 
 
 def rank_main(rank, args, init_file, out_file):
@@ -66,13 +54,7 @@ def rank_main(rank, args, init_file, out_file):
         n_params = sum(p.numel() for p in model.parameters())
         for _ in range(args.warmup):
             iteration(model, opt, x, y)
-        # The timed iterations run under the profiler, which times the all-reduce within
-        # each step (a Hessian step or not, paired with its own step). It records every
-        # op, at a few microseconds each: the times come out a few percent longer than
-        # unprofiled ones.
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            iters, steps = zip(*(iteration(model, opt, x, y) for _ in range(args.steps)))
-        comms = comm_per_step(prof.events())
+        iters, steps, comms = zip(*(iteration(model, opt, x, y) for _ in range(args.steps)))
         rows.append(dict(update_each=update_each, params=n_params,
                          iteration_ms=statistics.median(iters) * 1e3, step_ms=statistics.median(steps) * 1e3,
                          comm_ms=statistics.median(comms) * 1e3, comm_share_of_step=sum(comms) / sum(steps),

@@ -11,7 +11,7 @@ from torch import nn
 
 import tolerances
 from adahessian import AdaHessian, functional, math_attention, sampler
-from adahessian.hutchinson import Estimate
+from adahessian.functional import Difference, Estimate
 from tolerances import LOW_PRECISION
 from training import backward_and_step
 
@@ -32,8 +32,8 @@ def to(device, x):
     """x with every tensor on ``device`` (layouts kept), recursively (lists, tuples, dicts, Estimate)."""
     if torch.is_tensor(x):
         return x.to(device)
-    if isinstance(x, Estimate):
-        return Estimate(*(to(device, v) for v in x))
+    if isinstance(x, (Estimate, Difference)):
+        return type(x)(*(to(device, v) for v in x))
     if isinstance(x, (list, tuple)):
         return type(x)(to(device, v) for v in x)
     if isinstance(x, dict):
@@ -67,7 +67,7 @@ INV_STEP = 1 / 0.0123  # not a power of two: its rounding to the compute dtype c
 def problem(dtype, *, hessian_step, kept, n_samples, channels_last, difference=False, seed=0, shapes=None):
     """Random lists for functional.adahessian (params, grads, state) and, on a Hessian
     step, its Estimate (z, keys, Hz, partial sums; with ``difference``, Hz as the
-    gradients at two nearby points and INV_STEP)."""
+    Difference of the gradients at two nearby points and INV_STEP)."""
     g = torch.Generator().manual_seed(seed)
     sdtype = tolerances.compute_dtype(dtype)
     SHAPES = shapes or globals()["SHAPES"]  # noqa: N806
@@ -94,7 +94,7 @@ def problem(dtype, *, hessian_step, kept, n_samples, channels_last, difference=F
         return lists, Estimate(zs, keys, hzs, partial_sums)
     # The gradients eps apart differ by about eps * Hz: the difference cancels their leading digits.
     bases = [(h.double() - rand(s, torch.float64) / INV_STEP).to(dtype) for h, s in zip(hzs, SHAPES)]
-    return lists, Estimate(zs, keys, hzs, partial_sums, bases, INV_STEP)
+    return lists, Estimate(zs, keys, None, partial_sums, Difference(hzs, bases, INV_STEP))
 
 
 # Shapes for the spatial-averaging options: every dimension count up to 5, sizes that

@@ -17,6 +17,7 @@ import torch
 
 import cases
 from adahessian import _build, _ops, backends, functional, sampler
+from adahessian.functional import Difference
 
 # Deterministic cuBLAS (read when CUDA initialises, so at import, before any test runs;
 # tools/gpu_check.py sets it for its phases too).
@@ -110,11 +111,10 @@ def test_accumulate_is_bit_identical_to_the_reference(target, dtype, difference)
     acc = [torch.randn(s, generator=g, dtype=functional.state_dtype(hzs[0])) for s in shapes]
     zs = [sampler.rademacher(s, k, dtype=dtype) for s, k in zip(shapes, keys)]
     want = [a.clone() for a in acc]
-    inv_step = cases.INV_STEP if difference else 1.0
-    functional.accumulate_hessian_(want, zs, hzs, bases=bases, inv_step=inv_step, backend="reference")
+    products = dict(hzs=None, difference=Difference(hzs, bases, cases.INV_STEP)) if difference else dict(hzs=hzs)
+    functional.accumulate_hessian_(want, zs, **products, backend="reference")
     got = target.to(acc)
-    functional.accumulate_hessian_(got, target.to(zs), target.to(hzs), keys=keys, bases=target.to(bases),
-                                   inv_step=inv_step, backend="fused")
+    functional.accumulate_hessian_(got, target.to(zs), **target.to(products), keys=keys, backend="fused")
     assert all(torch.equal(a.cpu(), w) for a, w in zip(got, want))
 
 
@@ -177,9 +177,13 @@ def test_views_at_every_alignment_match_and_stay_inside(target, dtype, offset, a
     for name in ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians"):
         lists[name], buffers = _padded(lists[name], offset)
         margins += buffers
-    for name in ("hzs", "partial_sums") + (("bases",) if difference else ()):
+    for name in ("hzs", "partial_sums") if not difference else ("partial_sums",):
         padded, buffers = _padded(getattr(estimate, name), offset)
         estimate = estimate._replace(**{name: padded})
+        margins += buffers
+    for name in ("ahead", "behind") if difference else ():
+        padded, buffers = _padded(getattr(estimate.difference, name), offset)
+        estimate = estimate._replace(difference=estimate.difference._replace(**{name: padded}))
         margins += buffers
     functional.adahessian(*lists.values(), estimate=estimate, **options, backend="fused")
     cases.assert_functional_close(lists, want, before, options)

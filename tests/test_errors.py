@@ -225,7 +225,7 @@ def test_unavailable_fused_backend(monkeypatch):
         AdaHessian([_w()], backend="fused")
     with pytest.warns(UserWarning, match=r"no compiler here; using the reference path"):
         opt = AdaHessian([_w()], backend="auto")
-    assert opt._backend_for(torch.device("cpu")) == "reference"
+    assert opt._plan.implementations.on(torch.device("cpu")).NAME == "reference"
 
 
 class OnceDifferentiableTanh(torch.autograd.Function):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from adahessian import functional, sampler
+from adahessian.functional import Difference
 from cases import (ALL_DTYPES, CORE_CASES, CPU, dtype_name, INV_STEP, OPCHECK_CASES, PER_STEP, SIZES, STEPS, TRAJECTORIES,
                    IN_PLACE_CASES, assert_functional_close, core_options, in_place_step_matches, per_step_case, per_step_id, problem,
                    relayout, run_functional, steps_from_identical_state, trajectories_match)
@@ -64,9 +65,9 @@ def test_accumulate_is_bit_identical_to_the_reference(dtype, difference):
     acc = [torch.randn(s, generator=g, dtype=functional.state_dtype(hzs[0])) for s in shapes]
     expected = [a.clone() for a in acc]
     zs = [sampler.rademacher(s, k, dtype=dtype) for s, k in zip(shapes, keys)]
-    options = dict(bases=bases, inv_step=INV_STEP if difference else 1.0)
-    functional.accumulate_hessian_(expected, zs, hzs, **options, backend="reference")
-    functional.accumulate_hessian_(acc, zs, hzs, keys=keys, **options, backend="fused")
+    options = dict(hzs=None, difference=Difference(hzs, bases, INV_STEP)) if difference else dict(hzs=hzs)
+    functional.accumulate_hessian_(expected, zs, **options, backend="reference")
+    functional.accumulate_hessian_(acc, zs, keys=keys, **options, backend="fused")
     assert all(torch.equal(a, e) for a, e in zip(acc, expected))
 
 

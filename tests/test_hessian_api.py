@@ -198,7 +198,7 @@ def test_hessian_backward_on_other_steps_does_nothing():
     (theta**2).sum().backward()
     grad = theta.grad.clone()
     opt.hessian_backward((theta**4).sum())
-    assert torch.equal(theta.grad, grad) and opt._accumulated is None
+    assert torch.equal(theta.grad, grad) and opt._accumulator.pending is None
     opt.step()
 
 

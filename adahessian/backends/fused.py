@@ -9,6 +9,8 @@ from torch import Tensor
 
 from .. import _ops
 
+NAME = "fused"
+
 
 def sample_rademacher(like: list[Tensor], keys: list[int]) -> list[Tensor]:
     out = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in like]
@@ -16,28 +18,32 @@ def sample_rademacher(like: list[Tensor], keys: list[int]) -> list[Tensor]:
     return out
 
 
-def accumulate_hessian_(acc: list[Tensor], zs: list[Tensor], hzs: list[Tensor], keys: list[int],
-                        bases: list[Tensor] | None, inv_step: float) -> None:
+def accumulate_hessian_(acc: list[Tensor], zs: list[Tensor], hzs: list[Tensor] | None, keys: list[int] | None,
+                        difference) -> None:
     # z is regenerated from its sampler key rather than read (one stream less).
-    kernels(acc).accumulate_hessian_(acc, hzs, bases or [], keys, inv_step)
+    if keys is None:
+        raise ValueError("accumulate_hessian_(backend='fused') regenerates z from the sampler keys: pass keys=")
+    operands, bases, inv_eps = (hzs, [], 1.0) if difference is None else difference
+    kernels(acc).accumulate_hessian_(acc, operands, bases, keys, inv_eps)
 
 
 def step_(
     params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, state_steps, *, estimate, n_samples, lr, beta1,
-    beta2, eps, weight_decay, hessian_power, average_conv_kernel, spatial_averaging, block_length, rules,
+    beta2, eps, weight_decay, hessian_power, rules,
 ) -> None:
-    # The kernels derive each tensor's averaging from the same settings (host.h,
-    # averaging_of); `rules` (the Python derivation) has already refused bad shapes.
-    # The kernel keeps D for all tensors or none; the optimizer's state is consistent.
+    # The kernels are told each tensor's averaging group (0: D per element); the rules
+    # (adahessian/averaging.py) have already refused the shapes the settings refuse. The
+    # kernel keeps D for all tensors or none; the optimizer's state is consistent.
+    difference = None if estimate is None else estimate.difference
     kernels(params).fused_step_(
         params, grads, exp_avgs, exp_hessian_diag_sqs, hessians if hessians and hessians[0] is not None else [],
-        hzs=[] if estimate is None else estimate.hzs,
-        bases=[] if estimate is None or estimate.bases is None else estimate.bases,
-        inv_step=1.0 if estimate is None else estimate.inv_step,
+        hzs=[] if estimate is None else estimate.hzs if difference is None else difference.ahead,
+        bases=[] if difference is None else difference.behind,
+        inv_step=1.0 if difference is None else difference.inv_eps,
         partial_sums=[] if estimate is None or estimate.partial_sums is None else estimate.partial_sums,
         keys=[] if estimate is None else estimate.keys, steps=state_steps, n_samples=n_samples, lr=lr,
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
-        average_conv_kernel=average_conv_kernel, spatial_averaging=spatial_averaging, block_length=block_length,
+        groups=[0 if rule is None else rule.group for rule in rules],
     )
 
 

@@ -10,29 +10,30 @@ from torch import Tensor
 from .. import averaging, sampler
 from ..precision import state_dtype
 
+NAME = "reference"
+
 
 def sample_rademacher(like: list[Tensor], keys: list[int]) -> list[Tensor]:
     return [sampler.rademacher(t.shape, k, dtype=t.dtype, device=t.device) for t, k in zip(like, keys)]
 
 
-def accumulate_hessian_(acc: list[Tensor], zs: list[Tensor], hzs: list[Tensor], keys: list[int],
-                        bases: list[Tensor] | None, inv_step: float) -> None:
+def accumulate_hessian_(acc: list[Tensor], zs: list[Tensor], hzs: list[Tensor] | None, keys: list[int] | None,
+                        difference) -> None:
     for i, (a, z) in enumerate(zip(acc, zs)):
-        a.add_(z.to(a.dtype) * hessian_vector_product(hzs, bases, inv_step, i, a.dtype))
+        a.add_(z.to(a.dtype) * hessian_vector_product(hzs, difference, i, a.dtype))
 
 
-def hessian_vector_product(hzs: list[Tensor], bases: list[Tensor] | None, inv_step: float, i: int,
-                           dtype: torch.dtype) -> Tensor:
+def hessian_vector_product(hzs: list[Tensor] | None, difference, i: int, dtype: torch.dtype) -> Tensor:
     """Hz of tensor ``i`` in ``dtype``: ``hzs[i]``, or the finite difference
-    ``(hzs[i] - bases[i]) * inv_step`` (docs/algorithm.md, section 1, step 1)."""
-    if bases is None:
+    ``(ahead[i] - behind[i]) * inv_eps`` (docs/algorithm.md, section 1, step 1)."""
+    if difference is None:
         return hzs[i].to(dtype)
-    return (hzs[i].to(dtype) - bases[i].to(dtype)) * inv_step
+    return (difference.ahead[i].to(dtype) - difference.behind[i].to(dtype)) * difference.inv_eps
 
 
 def step_(
     params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, state_steps, *, estimate, n_samples, lr, beta1,
-    beta2, eps, weight_decay, hessian_power, average_conv_kernel, spatial_averaging, block_length, rules,
+    beta2, eps, weight_decay, hessian_power, rules,
 ) -> None:
     for i, param in enumerate(params):
         dtype = state_dtype(param)
@@ -42,7 +43,7 @@ def step_(
 
         # 1. D: this step's Hutchinson estimate, or the one kept from the last Hessian step.
         if estimate is not None:
-            hz = hessian_vector_product(estimate.hzs, estimate.bases, estimate.inv_step, i, dtype)
+            hz = hessian_vector_product(estimate.hzs, estimate.difference, i, dtype)
             hess = estimate.zs[i].to(dtype) * hz
             if estimate.partial_sums is not None:
                 hess = estimate.partial_sums[i] + hess
