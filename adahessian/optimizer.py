@@ -240,9 +240,9 @@ class AdaHessian(Optimizer):
         param_group["params"] = params
         group = {**self.defaults, **param_group}
         settings.validate_hyperparameters(group)
+        plan = settings.resync([group], self._plan)[0]  # ValueError for a bad setting
         if self.param_groups:
             settings.check_same_settings(group, self.param_groups[0])
-        plan = settings.resync([group], self._plan)[0]  # ValueError for a bad setting
         for p in params if isinstance(params, list) else ():
             if torch.is_tensor(p) and p.is_complex():
                 raise RuntimeError(COMPLEX_MESSAGE)
