@@ -1,8 +1,8 @@
 """Spatial averaging of the Hessian diagonal D (docs/algorithm.md, section 1, step 2):
 which elements of a tensor share one curvature value, as a function of its shape and of
 three optimizer-wide settings. The reference path averages with :func:`mean_abs`; the
-fused kernels apply the same rule (csrc/include/adahessian/host.h, ``averaging_of``), and
-tests/oracle.py re-derives it in float64.
+fused kernels are handed each rule's ``group`` (csrc/ops.cpp, ``fused_step_``'s
+``groups``), and tests/oracle.py re-derives the rules in float64.
 
 Every rule averages |D| over *consecutive groups of the tensor's logical row-major
 order*, so one group size per tensor describes it:

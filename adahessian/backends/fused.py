@@ -26,8 +26,8 @@ def step_(
     params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, state_steps, *, estimate, n_samples, lr, beta1,
     beta2, eps, weight_decay, hessian_power, average_conv_kernel, spatial_averaging, block_length, rules,
 ) -> None:
-    # The kernels derive each tensor's averaging from the same settings (host.h,
-    # averaging_of); `rules` (the Python derivation) has already refused bad shapes.
+    # The kernels are told each tensor's averaging group (0: none) from `rules`, which
+    # have already refused bad shapes; the three settings they came from go unused here.
     # The kernel keeps D for all tensors or none; the optimizer's state is consistent.
     kernels(params).fused_step_(
         params, grads, exp_avgs, exp_hessian_diag_sqs, hessians if hessians and hessians[0] is not None else [],
@@ -37,7 +37,7 @@ def step_(
         partial_sums=[] if estimate is None or estimate.partial_sums is None else estimate.partial_sums,
         keys=[] if estimate is None else estimate.keys, steps=state_steps, n_samples=n_samples, lr=lr,
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
-        average_conv_kernel=average_conv_kernel, spatial_averaging=spatial_averaging, block_length=block_length,
+        groups=[0 if r is None else r.group for r in rules],
     )
 
 

@@ -441,10 +441,9 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
                     at::TensorList bases, at::TensorList partial_sums, at::IntArrayRef keys, at::IntArrayRef steps,
                     double lr, double beta1, double beta2, double eps, double weight_decay, double hessian_power,
-                    int64_t n_samples, double inv_step, bool average_conv_kernel, c10::string_view spatial_averaging,
-                int64_t block_length) {
+                    int64_t n_samples, double inv_step, at::IntArrayRef groups) {
   check_step_arguments(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums, keys, steps,
-                       n_samples);
+                       n_samples, groups);
   const size_t count = params.size();
   const bool hessian_step = !hzs.empty();
   const Power power = power_of(hessian_power);
@@ -459,7 +458,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums);
     StepTensor t;
     const auto layout = step_layout_of(written_tensors_of(i, params, exp_avgs, exp_hessian_diag_sqs, hessians),
-                                       average_conv_kernel, spatial_averaging, block_length);
+                                       groups[i]);
     const auto& order = layout.order;
     t.averaging = layout.averaging;
     t.order = order.value_or(MemoryOrder{});

@@ -7,7 +7,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
-#include <c10/util/string_view.h>
 
 #include <adahessian/layout.h>
 #include <adahessian/math.h>
@@ -30,12 +29,10 @@ namespace adahessian {
 // every vector width, so vectorised code sees aligned work-item starts.
 constexpr int64_t kChunk = 1 << 16;
 
-// Spatial averaging of one parameter (adahessian/averaging.py states the rules; the
-// reference path and tests/oracle.py derive them independently): whether D becomes the
-// group_mean_abs of each group of `group` consecutive elements in logical row-major
-// order. Every rule is such a grouping: a 4-D weight's kh*kw blocks (1x1 too: D becomes
-// |D|), a 3-D weight's last dim, a 2-D weight's rows, |D| per element, or blocks of
-// block_length elements of the flattened tensor.
+// Spatial averaging of one parameter, as fused_step_'s `groups` states it (csrc/ops.cpp;
+// adahessian/averaging.py decides the groups, the kernels only apply them): whether D
+// becomes the group_mean_abs of each group of `group` consecutive elements in logical
+// row-major order (a group of 1: D becomes |D|).
 struct Averaging {
   bool average;
   int64_t group;       // 1 when not averaging
@@ -220,31 +217,6 @@ void dispatch_power(Power power, const F& f) {
   }
 }
 
-inline Averaging averaging_of(const at::Tensor& param, bool average_conv_kernel, c10::string_view spatial_averaging,
-                              int64_t block_length) {
-  const bool official = spatial_averaging == "official";
-  TORCH_CHECK_VALUE(official || spatial_averaging == "conv2d", "adahessian: spatial_averaging must be 'conv2d' or ",
-                    "'official', got '", spatial_averaging, "'");
-  TORCH_CHECK_VALUE(block_length >= 1, "adahessian: block_length must be >= 1, got ", block_length);
-  const int64_t dim = param.dim();
-  if (block_length > 1) {
-    TORCH_CHECK_VALUE(!average_conv_kernel && !official, "adahessian: block_length > 1 combines with neither ",
-                      "average_conv_kernel nor spatial_averaging='official'");
-    TORCH_CHECK_VALUE(param.numel() % block_length == 0, "adahessian: a parameter of shape ", param.sizes(),
-                      " has ", param.numel(), " elements, not a multiple of block_length=", block_length);
-    return {true, block_length};
-  }
-  if (official) {
-    TORCH_CHECK_VALUE(dim <= 4, "adahessian: spatial_averaging='official' covers tensors up to 4-D, got shape ",
-                      param.sizes());
-    const int64_t group = dim == 4 ? param.size(2) * param.size(3) : dim == 3 ? param.size(2)
-                          : dim == 2 ? param.size(1) : 1;
-    return {true, std::max<int64_t>(1, group)};
-  }
-  const bool average = average_conv_kernel && dim == 4;
-  return {average, average ? std::max<int64_t>(1, param.size(2) * param.size(3)) : 1};
-}
-
 // One parameter's averaging, and the memory order its step processes its tensors in:
 // in_place_order's, where group_stride_of places the averaging groups in it, else
 // nullopt (contiguous copies, whose groups are runs).
@@ -253,11 +225,17 @@ struct StepLayout {
   std::optional<MemoryOrder> order;
 };
 
-inline StepLayout step_layout_of(const std::vector<at::Tensor>& tensors, bool average_conv_kernel,
-                                 c10::string_view spatial_averaging, int64_t block_length) {
-  StepLayout layout{averaging_of(tensors.front(), average_conv_kernel, spatial_averaging, block_length),
-                    in_place_order(tensors)};
-  const auto stride = layout.order ? group_stride_of(tensors.front(), layout.averaging.group) : 1;
+// `group`: the parameter's entry of fused_step_'s groups, 0 or a size whose groups tile
+// the parameter (the kernels assume that no group runs past its end).
+inline StepLayout step_layout_of(const std::vector<at::Tensor>& tensors, int64_t group) {
+  const at::Tensor& param = tensors.front();
+  TORCH_CHECK_VALUE(group >= 0, "adahessian::fused_step_: group ", group, " for a parameter of shape ", param.sizes(),
+                    ": pass 0 (D per element) or a group size >= 1");
+  TORCH_CHECK_VALUE(group == 0 || param.numel() % group == 0, "adahessian::fused_step_: groups of ", group,
+                    " elements do not tile a parameter of shape ", param.sizes(), " (", param.numel(),
+                    " elements): pass a group size that divides its number of elements, or 0 (D per element)");
+  StepLayout layout{{group > 0, std::max<int64_t>(group, 1)}, in_place_order(tensors)};
+  const auto stride = layout.order ? group_stride_of(param, layout.averaging.group) : 1;
   if (stride) {
     layout.averaging.stride = *stride;
   } else {
@@ -300,7 +278,7 @@ inline void check_bases(at::TensorList bases, at::TensorList hzs) {
 inline void check_step_arguments(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                  at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
                                  at::TensorList bases, at::TensorList partial_sums, at::IntArrayRef keys,
-                                 at::IntArrayRef steps, int64_t n_samples) {
+                                 at::IntArrayRef steps, int64_t n_samples, at::IntArrayRef groups) {
   const size_t count = params.size();
   const bool hessian_step = !hzs.empty();
   TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_hessian_diag_sqs.size() == count &&
@@ -319,6 +297,8 @@ inline void check_step_arguments(at::TensorList params, at::TensorList grads, at
   TORCH_CHECK(hessian_step && n_samples > 1 ? partial_sums.size() == count : partial_sums.empty(),
               "adahessian::fused_step_: partial_sums are one per parameter on Hessian steps with n_samples > 1, "
               "else empty");
+  TORCH_CHECK_VALUE(groups.size() == count, "adahessian::fused_step_: groups has ", groups.size(), " entries, params ",
+                    count, ": pass one group size per parameter (0: D per element)");
 }
 
 // The tensors of parameter i that fused_step_ writes, for in_place_order (the kept D
