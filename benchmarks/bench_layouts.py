@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from adahessian import sampler
+from adahessian import averaging, sampler
 
 from . import common
 
@@ -56,11 +56,14 @@ def fused_step(shapes, hessian_step: bool, average: bool, channels_last: bool):
     keys = [sampler.rademacher_key(0, i, 1) for i in range(len(shapes))] if hessian_step else []
     steps = [10] * len(shapes)
     n_samples = 2 if hessian_step else 1
+    rules = [averaging.rule_of(s, average_conv_kernel=average, spatial_averaging="conv2d", block_length=1)
+             for s in shapes]
+    groups = [0 if r is None else r.group for r in rules]
 
     def step():
         torch.ops.adahessian.fused_step_(
             params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, [], partial_sums, keys, steps, 1e-3, 0.9,
-            0.999, 1e-8, 0.0, 1.0, n_samples, 1.0, average, "conv2d", 1,
+            0.999, 1e-8, 0.0, 1.0, n_samples, 1.0, groups,
         )
 
     return step

@@ -23,8 +23,10 @@ TORCH_LIBRARY(adahessian, m) {
       "accumulate_hessian_(Tensor(a!)[] partial_sums, Tensor[] hzs, Tensor[] bases, int[] keys, float inv_step) -> ()",
       {at::Tag::cudagraph_unsafe});
   // One AdaHessian step per parameter (docs/algorithm.md, section 1), one pass over memory each.
-  // D is averaged as average_conv_kernel, spatial_averaging and block_length say
-  // (adahessian/averaging.py; host.h, averaging_of).
+  // groups: one per parameter, how its D is averaged (adahessian/averaging.py decides;
+  // the kernels only apply it): 0 keeps D per element, signed; g >= 1 replaces each
+  // element's D by the mean |D| of its group of g consecutive elements in logical
+  // row-major order (1: |D|), g dividing the parameter's size (ValueError otherwise).
   // Hessian step: hzs and keys given, D = (partial_sums + z * Hz) / n_samples,
   // stored into hessians when given, Hz read as accumulate_hessian_ reads it (bases empty
   // or one per parameter). Other steps: hzs and bases empty, D read from hessians.
@@ -34,7 +36,6 @@ TORCH_LIBRARY(adahessian, m) {
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_hessian_diag_sqs, Tensor(d!)[] hessians, Tensor[] hzs, Tensor[] bases, "
       "Tensor[] partial_sums, int[] keys, int[] steps, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, float hessian_power, int n_samples, float inv_step, bool average_conv_kernel, "
-      "str spatial_averaging='conv2d', int block_length=1) -> ()",
+      "float weight_decay, float hessian_power, int n_samples, float inv_step, int[] groups) -> ()",
       {at::Tag::cudagraph_unsafe});
 }

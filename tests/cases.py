@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import tolerances
-from adahessian import AdaHessian, functional, math_attention, sampler
+from adahessian import AdaHessian, averaging, functional, math_attention, sampler
 from adahessian.functional import Difference, Estimate
 from tolerances import LOW_PRECISION
 from training import backward_and_step
@@ -198,7 +198,7 @@ def in_place_step_matches(device, kernels, case, dtype, hz_elsewhere=False):
     lists, estimate = problem(dtype, hessian_step=True, kept=True, n_samples=2, channels_last=False,
                               difference=True, shapes=shapes)
     names = ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians")
-    contiguous = to(device, [lists[k] for k in names] + [estimate.hzs, estimate.bases, estimate.partial_sums])
+    contiguous = to(device, [lists[k] for k in names] + [estimate.difference.ahead, estimate.difference.behind, estimate.partial_sums])
     relaid = [[relayout(t) for t in ts] for ts in contiguous]
     if hz_elsewhere:
         relaid[5:7] = [[hz_layout(t) for t in ts] for ts in contiguous[5:7]]
@@ -207,8 +207,8 @@ def in_place_step_matches(device, kernels, case, dtype, hz_elsewhere=False):
     assert (moved >= 4) if hz_elsewhere else (moved == 0)
     pointers = [[t.data_ptr() for t in ts] for ts in relaid]
     options = dict(keys=estimate.keys, steps=lists["state_steps"], lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8,
-                   weight_decay=0.1, hessian_power=1.0, n_samples=2, inv_step=estimate.inv_step, **averaging)
-    options.setdefault("average_conv_kernel", False)
+                   weight_decay=0.1, hessian_power=1.0, n_samples=2, inv_step=estimate.difference.inv_eps,
+                   groups=kernel_groups(shapes, **averaging))
     before = [t.clone() for t in contiguous[0]]
     kernels.fused_step_(*contiguous, **options)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -226,6 +226,15 @@ def in_place_step_matches(device, kernels, case, dtype, hz_elsewhere=False):
 
 STATE = dict(params="param", exp_avgs="exp_avg", exp_hessian_diag_sqs="exp_hessian_diag_sq", hessians="hessian")
 HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "hessian_power")
+
+
+def kernel_groups(shapes, **averaging_options):
+    """fused_step_'s groups for tensors of these shapes under these averaging settings
+    (the optimizer's defaults for those not given): the group size of each tensor's
+    averaging.rule_of, 0 where D stays per element."""
+    settings = dict(dict(average_conv_kernel=False, spatial_averaging="conv2d", block_length=1), **averaging_options)
+    rules = [averaging.rule_of(tuple(s), **settings) for s in shapes]
+    return [0 if r is None else r.group for r in rules]
 
 
 def averaging_group(t, options):
@@ -265,7 +274,7 @@ def _op_args(hessian_step, difference=False):
         [rand(s).abs() for s in shapes], [rand(s) for s in shapes],
         [rand(s) for s in shapes] if hessian_step else [], [rand(s) for s in shapes] if difference else [], [],
         [1, 2] if hessian_step else [], [4, 4], 0.01, 0.9, 0.999, 1e-8, 0.01, 1.0, 1,
-        INV_STEP if difference else 1.0, True,
+        INV_STEP if difference else 1.0, kernel_groups(shapes, average_conv_kernel=True),
     )
 
 

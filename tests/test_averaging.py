@@ -118,14 +118,20 @@ def test_the_official_rule_refuses_5d_tensors(backend):
         _step(backend, [(2, 2, 2, 2, 4)], spatial_averaging="official")
 
 
-def test_the_kernel_refuses_what_the_python_side_refuses(fused_kernels):
+def test_the_kernel_refuses_groups_that_do_not_tile_the_tensor(fused_kernels):
+    # The kernels apply the groups they are given; a layout that does not tile the
+    # tensor, a negative group or a list not one per parameter is a caller's error.
     p = [torch.zeros(5, 3)]
     args = (p, [torch.zeros(5, 3)], [torch.zeros(5, 3)], [torch.zeros(5, 3)], [torch.zeros(5, 3)], [], [], [], [], [1],
-            0.1, 0.9, 0.999, 1e-8, 0.0, 1.0, 1, 1.0, False)
-    with pytest.raises(ValueError, match="not a multiple of block_length=4"):
-        torch.ops.adahessian.fused_step_(*args, spatial_averaging="conv2d", block_length=4)
-    with pytest.raises(ValueError, match="'conv2d' or 'official'"):
-        torch.ops.adahessian.fused_step_(*args, spatial_averaging="blocks", block_length=1)
+            0.1, 0.9, 0.999, 1e-8, 0.0, 1.0, 1, 1.0)
+    with pytest.raises(ValueError, match=r"groups of 4 elements do not tile a parameter of shape \[5, 3\] \(15 "):
+        torch.ops.adahessian.fused_step_(*args, groups=[4])
+    with pytest.raises(ValueError, match=r"group -1 for a parameter of shape \[5, 3\]: pass 0"):
+        torch.ops.adahessian.fused_step_(*args, groups=[-1])
+    for groups in ([], [3, 3]):
+        with pytest.raises(ValueError, match=f"groups has {len(groups)} entries, params 1: pass one group size per"):
+            torch.ops.adahessian.fused_step_(*args, groups=groups)
+    torch.ops.adahessian.fused_step_(*args, groups=[15])  # groups that tile it: accepted
 
 
 @pytest.mark.parametrize("options,message", [

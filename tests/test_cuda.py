@@ -204,7 +204,8 @@ def test_averaged_d_is_bit_identical_to_the_cpu_kernels(target, shape):
     tensors = dict(params=[rand()], grads=[rand()], exp_avgs=[rand()], exp_hessian_diag_sqs=[rand().abs()],
                    hessians=[rand()], hzs=[rand()])
     options = dict(bases=[], partial_sums=[], keys=[5], steps=[3], lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8,
-                   weight_decay=0.0, hessian_power=1.0, n_samples=1, inv_step=1.0, average_conv_kernel=True)
+                   weight_decay=0.0, hessian_power=1.0, n_samples=1, inv_step=1.0,
+                   groups=cases.kernel_groups([shape], average_conv_kernel=True))
     on_cpu, on_target = copy.deepcopy(tensors), target.to(tensors)
     _ops.ops().fused_step_(*on_cpu.values(), **options)
     backends.fused.kernels(on_target["params"]).fused_step_(*on_target.values(), **options)
@@ -235,14 +236,16 @@ def test_thread_order_changes_no_bit(emulator):
     lists, estimate = cases.problem(torch.float32, hessian_step=True, kept=True, n_samples=2, channels_last=True,
                                     difference=True)
     options = cases.core_options(2, 0.5, average_conv_kernel=True)
+    options["groups"] = cases.kernel_groups([p.shape for p in lists["params"]],
+                                            average_conv_kernel=options.pop("average_conv_kernel"))
     runs = []
     for reverse in (False, True):
         emulator.set_reverse_order(reverse)
         runs.append(copy.deepcopy(lists))
         emulator.fused_step_(
             *[runs[-1][k] for k in ("params", "grads", "exp_avgs", "exp_hessian_diag_sqs", "hessians")],
-            hzs=estimate.hzs, bases=estimate.bases, partial_sums=estimate.partial_sums, keys=estimate.keys,
-            steps=runs[-1]["state_steps"], inv_step=estimate.inv_step, **options,
+            hzs=estimate.difference.ahead, bases=estimate.difference.behind, partial_sums=estimate.partial_sums,
+            keys=estimate.keys, steps=runs[-1]["state_steps"], inv_step=estimate.difference.inv_eps, **options,
         )
     emulator.set_reverse_order(False)
     for name in ("params", "exp_avgs", "exp_hessian_diag_sqs", "hessians"):
@@ -381,7 +384,7 @@ def test_logical_indices_past_2_to_the_31_and_32():
     p, g = torch.zeros_like(hz), torch.zeros_like(hz)
     m, v, d = (torch.zeros(BIG, dtype=torch.float32, device=CUDA) for _ in range(3))
     torch.ops.adahessian.fused_step_([p], [g], [m], [v], [d], [hz], [], [], [79], [1], 0.01, 0.9, 0.999, 1e-8, 0.0,
-                                     1.0, 1, 1.0, False)
+                                     1.0, 1, 1.0, [0])
     _assert_z_in_windows(d, 79)
     del p, g, m, v, d, hz
     torch.cuda.empty_cache()

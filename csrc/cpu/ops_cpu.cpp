@@ -16,8 +16,6 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
-#include <optional>
-#include <utility>
 #include <vector>
 
 namespace adahessian {
@@ -197,18 +195,17 @@ void rademacher_cpu(at::TensorList out, at::IntArrayRef keys) {
 // -------------------------------------------------------------- accumulate_hessian_
 
 template <typename scalar_t>
-void accumulate_chunk(const Tensor& acc, const Tensor& hz, const Tensor& base, double inv_step, uint32_t key,
-                      const MemoryOrder& order, int64_t begin, int64_t end) {
+void accumulate_chunk(const StagedAccumulate& t, double inv_step, int64_t begin, int64_t end) {
   using opmath_t = at::opmath_type<scalar_t>;
   opmath_t z[kTile], hz_scratch[kTile], base_scratch[kTile];
+  const scalar_t* base = data_or_null<scalar_t>(t.base);
   for (int64_t start = begin; start < end; start += kTile) {
-    opmath_t* a = acc.data_ptr<opmath_t>() + start;
-    const HzTile<scalar_t> tile{hz.const_data_ptr<scalar_t>() + start,
-                                base.defined() ? base.const_data_ptr<scalar_t>() + start : nullptr,
+    opmath_t* a = t.partial_sum.data_ptr<opmath_t>() + start;
+    const HzTile<scalar_t> tile{t.hz.const_data_ptr<scalar_t>() + start, base ? base + start : nullptr,
                                 static_cast<opmath_t>(inv_step)};
     // acc + z * Hz, in the reference's order: the estimate with n_samples = 1.
-    estimate_tile(key, order, start, std::min(kTile, end - start), tile, a, opmath_t(1), z, hz_scratch, base_scratch,
-                  a);
+    estimate_tile(t.key, t.order, start, std::min(kTile, end - start), tile, a, opmath_t(1), z, hz_scratch,
+                  base_scratch, a);
   }
 }
 
@@ -217,27 +214,18 @@ void accumulate_hessian_cpu(at::TensorList partial_sums, at::TensorList hzs, at:
   check_one_per_key("accumulate_hessian_", keys, {partial_sums, hzs});
   check_bases(bases, hzs);
   ContiguousViews views;
-  std::vector<Tensor> acc, hz, base;
-  std::vector<MemoryOrder> orders;
-  std::vector<uint32_t> key;
+  std::vector<StagedAccumulate> staged;
   std::vector<int64_t> numel;
   for (size_t i = 0; i < hzs.size(); ++i) {
     TORCH_CHECK(hzs[i].device().is_cpu(), "adahessian::accumulate_hessian_: hzs must be CPU tensors");
-    check_like(partial_sums[i], hzs[i], at::toOpMathType(hzs[i].scalar_type()), "partial_sums");
-    if (!bases.empty()) check_like(bases[i], hzs[i], hzs[i].scalar_type(), "bases");
-    const auto order = in_place_order({partial_sums[i]});
-    acc.push_back(views.write(partial_sums[i], order));
-    hz.push_back(views.read(hzs[i], order, partial_sums[i]));
-    base.push_back(bases.empty() ? Tensor() : views.read(bases[i], order, partial_sums[i]));
-    orders.push_back(order.value_or(MemoryOrder{}));
-    key.push_back(checked_key(keys[i]));
+    staged.push_back(stage_accumulate(i, partial_sums, hzs, bases, keys, views));
     numel.push_back(hzs[i].numel());
   }
   const auto items = work_items(numel);
   parallel_over(items, [&](const WorkItem& w) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hz[w.tensor].scalar_type(), "accumulate_hessian_", [&] {
-      accumulate_chunk<scalar_t>(acc[w.tensor], hz[w.tensor], base[w.tensor], inv_step, key[w.tensor],
-                                 orders[w.tensor], w.begin, w.end);
+    const StagedAccumulate& t = staged[w.tensor];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.hz.scalar_type(), "accumulate_hessian_", [&] {
+      accumulate_chunk<scalar_t>(t, inv_step, w.begin, w.end);
     });
   });
   views.finish();
@@ -245,33 +233,20 @@ void accumulate_hessian_cpu(at::TensorList partial_sums, at::TensorList hzs, at:
 
 // ---------------------------------------------------------------------- fused_step_
 
-// One parameter's tensors (in place, or contiguous copies) and scalars.
-struct StepTensor {
-  Tensor param, grad, exp_avg, exp_hessian_diag_sq;
-  Tensor hessian;      // D kept for later steps; undefined when not kept
-  Tensor hz;           // undefined on steps that reuse the kept D
-  Tensor base;         // defined when Hz is the finite difference (hz - base) * inv_step
-  Tensor partial_sum;  // undefined when n_samples == 1
-  uint32_t key = 0;
-  MemoryOrder order;  // the tensors' common order: element offsets are memory offsets
-  Averaging averaging;
-  StepCoefficients<double> coefficients;
-};
-
 // A step's view of one tensor: raw pointers and the vector-typed coefficients.
 template <typename scalar_t>
 struct StepPointers {
   using opmath_t = at::opmath_type<scalar_t>;
-  explicit StepPointers(const StepTensor& t)
+  explicit StepPointers(const StagedStep& t)
       : c(rounded<opmath_t, Vectorized<opmath_t>>(t.coefficients)),
         param(t.param.data_ptr<scalar_t>()),
         grad(t.grad.const_data_ptr<scalar_t>()),
         exp_avg(t.exp_avg.data_ptr<opmath_t>()),
         exp_hessian_diag_sq(t.exp_hessian_diag_sq.data_ptr<opmath_t>()),
         hessian(t.hessian.defined() ? t.hessian.data_ptr<opmath_t>() : nullptr),
-        hz(t.hz.defined() ? t.hz.const_data_ptr<scalar_t>() : nullptr),
-        base(t.base.defined() ? t.base.const_data_ptr<scalar_t>() : nullptr),
-        partial_sum(t.partial_sum.defined() ? t.partial_sum.const_data_ptr<opmath_t>() : nullptr) {}
+        hz(data_or_null<scalar_t>(t.hz)),
+        base(data_or_null<scalar_t>(t.base)),
+        partial_sum(data_or_null<opmath_t>(t.partial_sum)) {}
   StepCoefficients<Vectorized<opmath_t>> c;
   scalar_t* param;
   const scalar_t* grad;
@@ -330,7 +305,7 @@ void update_run(const StepPointers<scalar_t>& s, int64_t start, int64_t n, const
 // The elements [begin, end) of a tensor whose averaging groups are runs of memory, tile
 // by tile.
 template <typename scalar_t, Power power>
-void step_chunk(const StepTensor& t, double n_samples, double inv_step, int64_t begin, int64_t end) {
+void step_chunk(const StagedStep& t, double n_samples, double inv_step, int64_t begin, int64_t end) {
   using opmath_t = at::opmath_type<scalar_t>;
   const StepPointers<scalar_t> s(t);
   const bool average = t.averaging.average;
@@ -374,7 +349,7 @@ constexpr int64_t kBlock = 1 << 14;
 // row's |D| added to the groups' sums in math.h's order, then the update of each row
 // with the groups' means.
 template <typename scalar_t, Power power>
-void step_interleaved_chunk(const StepTensor& t, double n_samples, double inv_step, int64_t begin, int64_t end) {
+void step_interleaved_chunk(const StagedStep& t, double n_samples, double inv_step, int64_t begin, int64_t end) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<opmath_t>;
   const StepPointers<scalar_t> s(t);
@@ -441,50 +416,26 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
                     at::TensorList bases, at::TensorList partial_sums, at::IntArrayRef keys, at::IntArrayRef steps,
                     double lr, double beta1, double beta2, double eps, double weight_decay, double hessian_power,
-                    int64_t n_samples, double inv_step, bool average_conv_kernel, c10::string_view spatial_averaging,
-                int64_t block_length) {
-  check_step_arguments(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums, keys, steps,
-                       n_samples);
-  const size_t count = params.size();
-  const bool hessian_step = !hzs.empty();
+                    int64_t n_samples, double inv_step, at::IntArrayRef groups) {
+  const StepArguments a{params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums, keys, steps,
+                        lr, beta1, beta2, eps, weight_decay, hessian_power, n_samples, groups};
+  check_step_arguments(a);
   const Power power = power_of(hessian_power);
 
   ContiguousViews views;
-  std::vector<StepTensor> tensors;
+  std::vector<StagedStep> tensors;
   std::vector<int64_t> numel;
   std::vector<Averaging> averaging;
-  for (size_t i = 0; i < count; ++i) {
-    const Tensor& p = params[i];
-    TORCH_CHECK(p.device().is_cpu(), "adahessian::fused_step_: params must be CPU tensors");
-    check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums);
-    StepTensor t;
-    const auto layout = step_layout_of(written_tensors_of(i, params, exp_avgs, exp_hessian_diag_sqs, hessians),
-                                       average_conv_kernel, spatial_averaging, block_length);
-    const auto& order = layout.order;
-    t.averaging = layout.averaging;
-    t.order = order.value_or(MemoryOrder{});
-    t.param = views.write(p, order);
-    t.grad = views.read(grads[i], order, p);
-    t.exp_avg = views.write(exp_avgs[i], order);
-    t.exp_hessian_diag_sq = views.write(exp_hessian_diag_sqs[i], order);
-    if (!hessians.empty()) {
-      t.hessian = hessian_step ? views.write(hessians[i], order) : views.read(hessians[i], order, p);
-    }
-    if (hessian_step) {
-      t.hz = views.read(hzs[i], order, p);
-      if (!bases.empty()) t.base = views.read(bases[i], order, p);
-      t.key = checked_key(keys[i]);
-      if (!partial_sums.empty()) t.partial_sum = views.read(partial_sums[i], order, p);
-    }
-    t.coefficients = step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power);
-    numel.push_back(p.numel());
-    averaging.push_back(t.averaging);
-    tensors.push_back(std::move(t));
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].device().is_cpu(), "adahessian::fused_step_: params must be CPU tensors");
+    tensors.push_back(stage_step(i, a, views));
+    numel.push_back(params[i].numel());
+    averaging.push_back(tensors.back().averaging);
   }
 
   const auto items = work_items(numel, averaging);
   parallel_over(items, [&](const WorkItem& w) {
-    const StepTensor& t = tensors[w.tensor];
+    const StagedStep& t = tensors[w.tensor];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.param.scalar_type(), "fused_step_", [&] {
       dispatch_power(power, [&](auto p) {
         if (t.averaging.stride > 1) {

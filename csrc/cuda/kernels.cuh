@@ -33,7 +33,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <optional>
 #include <vector>
 
 namespace adahessian {
@@ -245,14 +244,9 @@ void accumulate_hessian(at::TensorList partial_sums, at::TensorList hzs, at::Ten
       std::vector<AccumulateMeta<scalar_t>> metas;
       std::vector<int64_t> numel;
       for (const size_t i : indices) {
-        check_like(partial_sums[i], hzs[i], at::toOpMathType(dtype), "partial_sums");
-        if (!bases.empty()) check_like(bases[i], hzs[i], dtype, "bases");
-        const auto order = in_place_order({partial_sums[i]});
-        metas.push_back({views.write(partial_sums[i], order).data_ptr<at::opmath_type<scalar_t>>(),
-                         views.read(hzs[i], order, partial_sums[i]).const_data_ptr<scalar_t>(),
-                         bases.empty() ? nullptr
-                                       : views.read(bases[i], order, partial_sums[i]).const_data_ptr<scalar_t>(),
-                         checked_key(keys[i]), order.value_or(MemoryOrder{})});
+        const StagedAccumulate s = stage_accumulate(i, partial_sums, hzs, bases, keys, views);
+        metas.push_back({s.partial_sum.data_ptr<at::opmath_type<scalar_t>>(), s.hz.const_data_ptr<scalar_t>(),
+                         data_or_null<scalar_t>(s.base), s.key, s.order});
         numel.push_back(hzs[i].numel());
       }
       const auto inv = static_cast<at::opmath_type<scalar_t>>(inv_step);
@@ -505,12 +499,11 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
                 at::TensorList bases, at::TensorList partial_sums, at::IntArrayRef keys, at::IntArrayRef steps,
                 double lr, double beta1, double beta2, double eps, double weight_decay, double hessian_power,
-                int64_t n_samples, double inv_step, bool average_conv_kernel, c10::string_view spatial_averaging,
-                int64_t block_length) {
-  check_step_arguments(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums, keys, steps,
-                       n_samples);
+                int64_t n_samples, double inv_step, at::IntArrayRef groups) {
+  const StepArguments a{params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums, keys, steps,
+                        lr, beta1, beta2, eps, weight_decay, hessian_power, n_samples, groups};
+  check_step_arguments(a);
   if (params.empty()) return;
-  const bool hessian_step = !hzs.empty();
   const Power power = power_of(hessian_power);
   for_each_dtype<Runtime>(params, "params", [&](at::ScalarType dtype, const std::vector<size_t>& indices,
                                                 ContiguousViews& views, const at::Device& device) {
@@ -520,39 +513,29 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
       std::vector<int64_t> numel;
       std::vector<Averaging> averaging;
       for (const size_t i : indices) {
-        const Tensor& p = params[i];
-        check_step_tensors(i, params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums);
+        const StagedStep s = stage_step(i, a, views);
         StepMeta<scalar_t> t{};
-        const auto layout = step_layout_of(written_tensors_of(i, params, exp_avgs, exp_hessian_diag_sqs, hessians),
-                                           average_conv_kernel, spatial_averaging, block_length);
-        const auto& order = layout.order;
-        t.averaging = layout.averaging;
-        t.order = order.value_or(MemoryOrder{});
-        t.param = views.write(p, order).data_ptr<scalar_t>();
-        t.grad = views.read(grads[i], order, p).const_data_ptr<scalar_t>();
-        t.exp_avg = views.write(exp_avgs[i], order).data_ptr<opmath_t>();
-        t.exp_hessian_diag_sq = views.write(exp_hessian_diag_sqs[i], order).data_ptr<opmath_t>();
-        if (!hessians.empty()) {
-          t.hessian = hessian_step
-                          ? views.write(hessians[i], order).data_ptr<opmath_t>()
-                          : const_cast<opmath_t*>(views.read(hessians[i], order, p).const_data_ptr<opmath_t>());
+        t.param = s.param.data_ptr<scalar_t>();
+        t.grad = s.grad.const_data_ptr<scalar_t>();
+        t.exp_avg = s.exp_avg.data_ptr<opmath_t>();
+        t.exp_hessian_diag_sq = s.exp_hessian_diag_sq.data_ptr<opmath_t>();
+        if (s.hessian.defined()) {  // only read on steps that reuse it
+          t.hessian = a.hessian_step() ? s.hessian.data_ptr<opmath_t>()
+                                       : const_cast<opmath_t*>(s.hessian.const_data_ptr<opmath_t>());
         }
-        if (hessian_step) {
-          t.hz = views.read(hzs[i], order, p).const_data_ptr<scalar_t>();
-          if (!bases.empty()) t.base = views.read(bases[i], order, p).const_data_ptr<scalar_t>();
-          t.key = checked_key(keys[i]);
-          if (!partial_sums.empty()) {
-            t.partial_sum = views.read(partial_sums[i], order, p).const_data_ptr<opmath_t>();
-          }
-        }
+        t.hz = data_or_null<scalar_t>(s.hz);
+        t.base = data_or_null<scalar_t>(s.base);
+        t.partial_sum = data_or_null<opmath_t>(s.partial_sum);
+        t.key = s.key;
+        t.order = s.order;
+        t.averaging = s.averaging;
         t.vectorised = pack_aligned(t.param) && pack_aligned(t.grad) && pack_aligned(t.exp_avg) &&
                        pack_aligned(t.exp_hessian_diag_sq) && (!t.hessian || pack_aligned(t.hessian)) &&
                        (!t.hz || pack_aligned(t.hz)) && (!t.base || pack_aligned(t.base)) &&
                        (!t.partial_sum || pack_aligned(t.partial_sum));
-        t.coefficients = rounded<opmath_t>(
-            step_coefficients(steps[i], lr, beta1, beta2, eps, weight_decay, hessian_power));
+        t.coefficients = rounded<opmath_t>(s.coefficients);
         metas.push_back(t);
-        numel.push_back(p.numel());
+        numel.push_back(params[i].numel());
         averaging.push_back(t.averaging);
       }
       const StepScalars<opmath_t> scalars{static_cast<opmath_t>(n_samples), static_cast<opmath_t>(inv_step)};

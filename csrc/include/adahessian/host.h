@@ -1,13 +1,13 @@
 // Host-side pieces shared by the CPU and CUDA kernels: argument checks, the split of
-// tensors into work items, contiguous staging of strided tensors, and the per-tensor
-// scalars of a step. Everything per element (or per averaging group) lives in math.h.
+// tensors into work items, contiguous staging of strided tensors, the per-tensor scalars
+// of a step, and each op's per-tensor staging (StagedStep, StagedAccumulate), written
+// once for both. Everything per element (or per averaging group) lives in math.h.
 #pragma once
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
-#include <c10/util/string_view.h>
 
 #include <adahessian/layout.h>
 #include <adahessian/math.h>
@@ -30,12 +30,10 @@ namespace adahessian {
 // every vector width, so vectorised code sees aligned work-item starts.
 constexpr int64_t kChunk = 1 << 16;
 
-// Spatial averaging of one parameter (adahessian/averaging.py states the rules; the
-// reference path and tests/oracle.py derive them independently): whether D becomes the
-// group_mean_abs of each group of `group` consecutive elements in logical row-major
-// order. Every rule is such a grouping: a 4-D weight's kh*kw blocks (1x1 too: D becomes
-// |D|), a 3-D weight's last dim, a 2-D weight's rows, |D| per element, or blocks of
-// block_length elements of the flattened tensor.
+// Spatial averaging of one parameter, as fused_step_'s `groups` states it (csrc/ops.cpp;
+// adahessian/averaging.py decides the groups, the kernels only apply them): whether D
+// becomes the group_mean_abs of each group of `group` consecutive elements in logical
+// row-major order (a group of 1: D becomes |D|).
 struct Averaging {
   bool average;
   int64_t group;       // 1 when not averaging
@@ -220,31 +218,6 @@ void dispatch_power(Power power, const F& f) {
   }
 }
 
-inline Averaging averaging_of(const at::Tensor& param, bool average_conv_kernel, c10::string_view spatial_averaging,
-                              int64_t block_length) {
-  const bool official = spatial_averaging == "official";
-  TORCH_CHECK_VALUE(official || spatial_averaging == "conv2d", "adahessian: spatial_averaging must be 'conv2d' or ",
-                    "'official', got '", spatial_averaging, "'");
-  TORCH_CHECK_VALUE(block_length >= 1, "adahessian: block_length must be >= 1, got ", block_length);
-  const int64_t dim = param.dim();
-  if (block_length > 1) {
-    TORCH_CHECK_VALUE(!average_conv_kernel && !official, "adahessian: block_length > 1 combines with neither ",
-                      "average_conv_kernel nor spatial_averaging='official'");
-    TORCH_CHECK_VALUE(param.numel() % block_length == 0, "adahessian: a parameter of shape ", param.sizes(),
-                      " has ", param.numel(), " elements, not a multiple of block_length=", block_length);
-    return {true, block_length};
-  }
-  if (official) {
-    TORCH_CHECK_VALUE(dim <= 4, "adahessian: spatial_averaging='official' covers tensors up to 4-D, got shape ",
-                      param.sizes());
-    const int64_t group = dim == 4 ? param.size(2) * param.size(3) : dim == 3 ? param.size(2)
-                          : dim == 2 ? param.size(1) : 1;
-    return {true, std::max<int64_t>(1, group)};
-  }
-  const bool average = average_conv_kernel && dim == 4;
-  return {average, average ? std::max<int64_t>(1, param.size(2) * param.size(3)) : 1};
-}
-
 // One parameter's averaging, and the memory order its step processes its tensors in:
 // in_place_order's, where group_stride_of places the averaging groups in it, else
 // nullopt (contiguous copies, whose groups are runs).
@@ -253,11 +226,17 @@ struct StepLayout {
   std::optional<MemoryOrder> order;
 };
 
-inline StepLayout step_layout_of(const std::vector<at::Tensor>& tensors, bool average_conv_kernel,
-                                 c10::string_view spatial_averaging, int64_t block_length) {
-  StepLayout layout{averaging_of(tensors.front(), average_conv_kernel, spatial_averaging, block_length),
-                    in_place_order(tensors)};
-  const auto stride = layout.order ? group_stride_of(tensors.front(), layout.averaging.group) : 1;
+// `group`: the parameter's entry of fused_step_'s groups, 0 or a size whose groups tile
+// the parameter (the kernels assume that no group runs past its end).
+inline StepLayout step_layout_of(const std::vector<at::Tensor>& tensors, int64_t group) {
+  const at::Tensor& param = tensors.front();
+  TORCH_CHECK_VALUE(group >= 0, "adahessian::fused_step_: group ", group, " for a parameter of shape ", param.sizes(),
+                    ": pass 0 (D per element) or a group size >= 1");
+  TORCH_CHECK_VALUE(group == 0 || param.numel() % group == 0, "adahessian::fused_step_: groups of ", group,
+                    " elements do not tile a parameter of shape ", param.sizes(), " (", param.numel(),
+                    " elements): pass a group size that divides its number of elements, or 0 (D per element)");
+  StepLayout layout{{group > 0, std::max<int64_t>(group, 1)}, in_place_order(tensors)};
+  const auto stride = layout.order ? group_stride_of(param, layout.averaging.group) : 1;
   if (stride) {
     layout.averaging.stride = *stride;
   } else {
@@ -296,52 +275,114 @@ inline void check_bases(at::TensorList bases, at::TensorList hzs) {
               " bases for ", hzs.size(), " hzs (none, or one per hz)");
 }
 
+// The pointer to an optional tensor's data: null where it is undefined.
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// Tensor i of accumulate_hessian_, checked and staged (ContiguousViews): the CPU kernels
+// keep the tensors, the CUDA kernels take their pointers.
+struct StagedAccumulate {
+  at::Tensor partial_sum, hz;
+  at::Tensor base;  // defined when Hz is the finite difference (hz - base) * inv_step
+  uint32_t key;
+  MemoryOrder order;  // the tensors' common order: element offsets are memory offsets
+};
+
+inline StagedAccumulate stage_accumulate(size_t i, at::TensorList partial_sums, at::TensorList hzs,
+                                         at::TensorList bases, at::IntArrayRef keys, ContiguousViews& views) {
+  const at::Tensor& acc = partial_sums[i];
+  check_like(acc, hzs[i], at::toOpMathType(hzs[i].scalar_type()), "partial_sums");
+  if (!bases.empty()) check_like(bases[i], hzs[i], hzs[i].scalar_type(), "bases");
+  const auto order = in_place_order({acc});
+  return {views.write(acc, order), views.read(hzs[i], order, acc),
+          bases.empty() ? at::Tensor() : views.read(bases[i], order, acc), checked_key(keys[i]),
+          order.value_or(MemoryOrder{})};
+}
+
+// The arguments of fused_step_ (csrc/ops.cpp) that its checks and staging read.
+struct StepArguments {
+  at::TensorList params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, hzs, bases, partial_sums;
+  at::IntArrayRef keys, steps;
+  double lr, beta1, beta2, eps, weight_decay, hessian_power;
+  int64_t n_samples;
+  at::IntArrayRef groups;
+
+  bool hessian_step() const { return !hzs.empty(); }
+};
+
 // The list lengths of fused_step_.
-inline void check_step_arguments(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                                 at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
-                                 at::TensorList bases, at::TensorList partial_sums, at::IntArrayRef keys,
-                                 at::IntArrayRef steps, int64_t n_samples) {
-  const size_t count = params.size();
-  const bool hessian_step = !hzs.empty();
-  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count && exp_hessian_diag_sqs.size() == count &&
-                  steps.size() == count,
+inline void check_step_arguments(const StepArguments& a) {
+  const size_t count = a.params.size();
+  TORCH_CHECK(a.grads.size() == count && a.exp_avgs.size() == count && a.exp_hessian_diag_sqs.size() == count &&
+                  a.steps.size() == count,
               "adahessian::fused_step_: params, grads, exp_avgs, exp_hessian_diag_sqs and steps must have the "
               "same length");
-  TORCH_CHECK(hessians.empty() || hessians.size() == count,
+  TORCH_CHECK(a.hessians.empty() || a.hessians.size() == count,
               "adahessian::fused_step_: hessians must be empty or one per parameter");
-  TORCH_CHECK(hessian_step || hessians.size() == count,
+  TORCH_CHECK(a.hessian_step() || a.hessians.size() == count,
               "adahessian::fused_step_: a step without hzs reads D from hessians, which is empty");
-  TORCH_CHECK(!hessian_step || (hzs.size() == count && keys.size() == count),
+  TORCH_CHECK(!a.hessian_step() || (a.hzs.size() == count && a.keys.size() == count),
               "adahessian::fused_step_: a Hessian step needs one hz and one key per parameter");
-  TORCH_CHECK(bases.empty() || (hessian_step && bases.size() == count),
+  TORCH_CHECK(a.bases.empty() || (a.hessian_step() && a.bases.size() == count),
               "adahessian::fused_step_: bases are one per parameter on Hessian steps whose Hz is a finite "
               "difference, else empty");
-  TORCH_CHECK(hessian_step && n_samples > 1 ? partial_sums.size() == count : partial_sums.empty(),
+  TORCH_CHECK(a.hessian_step() && a.n_samples > 1 ? a.partial_sums.size() == count : a.partial_sums.empty(),
               "adahessian::fused_step_: partial_sums are one per parameter on Hessian steps with n_samples > 1, "
               "else empty");
+  TORCH_CHECK_VALUE(a.groups.size() == count, "adahessian::fused_step_: groups has ", a.groups.size(),
+                    " entries, params ", count, ": pass one group size per parameter (0: D per element)");
 }
 
-// The tensors of parameter i that fused_step_ writes, for in_place_order (the kept D
-// undefined where there is none; it is written on Hessian steps, and made like the
-// others).
-inline std::vector<at::Tensor> written_tensors_of(size_t i, at::TensorList params, at::TensorList exp_avgs,
-                                                  at::TensorList exp_hessian_diag_sqs, at::TensorList hessians) {
-  return {params[i], exp_avgs[i], exp_hessian_diag_sqs[i], hessians.empty() ? at::Tensor() : hessians[i]};
-}
+// Parameter i of fused_step_, checked (device, shape, dtype) and staged: its tensors
+// through `views` (in place, or contiguous copies written back at views.finish()) and
+// its scalars. The CPU kernels keep the tensors, the CUDA kernels take their pointers.
+struct StagedStep {
+  at::Tensor param, grad, exp_avg, exp_hessian_diag_sq;
+  at::Tensor hessian;      // D kept for later steps; undefined when not kept
+  at::Tensor hz;           // undefined on steps that reuse the kept D
+  at::Tensor base;         // defined when Hz is the finite difference (hz - base) * inv_step
+  at::Tensor partial_sum;  // undefined when n_samples == 1
+  uint32_t key = 0;
+  MemoryOrder order;  // the tensors' common order: element offsets are memory offsets
+  Averaging averaging;
+  StepCoefficients<double> coefficients;
+};
 
-// Device, shape and dtype of parameter i's tensors.
-inline void check_step_tensors(size_t i, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                               at::TensorList exp_hessian_diag_sqs, at::TensorList hessians, at::TensorList hzs,
-                               at::TensorList bases, at::TensorList partial_sums) {
-  const at::Tensor& p = params[i];
+inline StagedStep stage_step(size_t i, const StepArguments& a, ContiguousViews& views) {
+  const at::Tensor& p = a.params[i];
   const at::ScalarType state = at::toOpMathType(p.scalar_type());
-  check_like(grads[i], p, p.scalar_type(), "grads");
-  check_like(exp_avgs[i], p, state, "exp_avgs");
-  check_like(exp_hessian_diag_sqs[i], p, state, "exp_hessian_diag_sqs");
-  if (!hessians.empty()) check_like(hessians[i], p, state, "hessians");
-  if (!hzs.empty()) check_like(hzs[i], p, p.scalar_type(), "hzs");
-  if (!bases.empty()) check_like(bases[i], p, p.scalar_type(), "bases");
-  if (!partial_sums.empty()) check_like(partial_sums[i], p, state, "partial_sums");
+  const bool kept = !a.hessians.empty(), hessian_step = a.hessian_step();
+  check_like(a.grads[i], p, p.scalar_type(), "grads");
+  check_like(a.exp_avgs[i], p, state, "exp_avgs");
+  check_like(a.exp_hessian_diag_sqs[i], p, state, "exp_hessian_diag_sqs");
+  if (kept) check_like(a.hessians[i], p, state, "hessians");
+  if (hessian_step) check_like(a.hzs[i], p, p.scalar_type(), "hzs");
+  if (!a.bases.empty()) check_like(a.bases[i], p, p.scalar_type(), "bases");
+  if (!a.partial_sums.empty()) check_like(a.partial_sums[i], p, state, "partial_sums");
+
+  // The order is decided by the tensors written; the kept D is written on Hessian steps,
+  // and made like the others.
+  const auto layout = step_layout_of({p, a.exp_avgs[i], a.exp_hessian_diag_sqs[i], kept ? a.hessians[i] : at::Tensor()},
+                                     a.groups[i]);
+  const auto& order = layout.order;
+  StagedStep s;
+  s.averaging = layout.averaging;
+  s.order = order.value_or(MemoryOrder{});
+  s.param = views.write(p, order);
+  s.grad = views.read(a.grads[i], order, p);
+  s.exp_avg = views.write(a.exp_avgs[i], order);
+  s.exp_hessian_diag_sq = views.write(a.exp_hessian_diag_sqs[i], order);
+  if (kept) s.hessian = hessian_step ? views.write(a.hessians[i], order) : views.read(a.hessians[i], order, p);
+  if (hessian_step) {
+    s.hz = views.read(a.hzs[i], order, p);
+    if (!a.bases.empty()) s.base = views.read(a.bases[i], order, p);
+    s.key = checked_key(a.keys[i]);
+    if (!a.partial_sums.empty()) s.partial_sum = views.read(a.partial_sums[i], order, p);
+  }
+  s.coefficients = step_coefficients(a.steps[i], a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.hessian_power);
+  return s;
 }
 
 }  // namespace adahessian
