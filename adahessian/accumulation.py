@@ -284,5 +284,6 @@ def release_graphs(params: list[Tensor]) -> None:
     param -> grad -> graph -> param cycles that gc cannot see through (they pass
     through C++); dropping the graph breaks them."""
     for p in params:
-        if p.grad is not None and p.grad.requires_grad:
-            p.grad = p.grad.detach()
+        grad = p.grad
+        if grad is not None and grad.requires_grad:
+            p.grad = grad.detach()

@@ -178,7 +178,7 @@ class AdaHessian(Optimizer):
         self._graph_record.bind(self)
         self._accumulator = accumulation.Accumulator(self._graph_record)
         # The parameters _check_shapes passed, under this plan (the plan itself).
-        self._shapes_checked: tuple[settings.Plan | None, set[Tensor]] = (None, set())
+        self._shapes_checked: tuple[settings.Plan | None, set[int]] = (None, set())
 
     # ----------------------------------------------------------------- public API
 
@@ -445,11 +445,12 @@ class AdaHessian(Optimizer):
         flat_index = 0
         for g, group in enumerate(self.param_groups):
             for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
+                grad = p.grad
+                if grad is not None and grad.is_sparse:
                     raise RuntimeError(SPARSE_MESSAGE)
-                if p.grad is not None or (every_trainable and p.requires_grad):
+                if grad is not None or (every_trainable and p.requires_grad):
                     entries.append((g, flat_index, p))
-                    grads.append(p.grad)
+                    grads.append(grad)
                 flat_index += 1
         return entries, grads
 
@@ -461,10 +462,10 @@ class AdaHessian(Optimizer):
         if checking is not plan:
             checked = set()
             self._shapes_checked = (plan, checked)
-        for g, flat_index, p in entries:
-            if p not in checked:
+        for g, flat_index, p in entries:  # by id: a parameter stays in its group, alive
+            if id(p) not in checked:
                 plan.averaging.rule(p.shape, what=f"the optimizer's parameter {flat_index} (in param group {g})")
-                checked.add(p)
+                checked.add(id(p))
 
     def _update(self, plan: settings.Plan, step: StepLists) -> None:
         """Bring each parameter's state to what today's settings keep, and run the
@@ -472,13 +473,13 @@ class AdaHessian(Optimizer):
         kernel call tensors of several devices."""
         buckets: dict[tuple[int, torch.device], list[int]] = {}
         hessian_step = step.estimate is not None
+        prepared = [self._prepare_state(p, plan, hessian_step=hessian_step) for _, _, p in step.entries]
         for n, (g, _, p) in enumerate(step.entries):
-            if self._prepare_state(p, plan, hessian_step=hessian_step):
+            if prepared[n] is not None:
                 buckets.setdefault((g, p.device), []).append(n)
         for (g, device), ns in buckets.items():
             group = self.param_groups[g]
-            params = [step.entries[n][2] for n in ns]
-            states = [self.state[p] for p in params]
+            params, states = [step.entries[n][2] for n in ns], [prepared[n] for n in ns]
             beta1, beta2 = group["betas"]
             functional.adahessian(
                 params, [step.grads[n] for n in ns], [s["exp_avg"] for s in states],
@@ -489,14 +490,14 @@ class AdaHessian(Optimizer):
                 **plan.averaging._asdict(), backend=plan.implementations.on(device),
             )
 
-    def _prepare_state(self, p: Tensor, plan: settings.Plan, *, hessian_step: bool) -> bool:
+    def _prepare_state(self, p: Tensor, plan: settings.Plan, *, hessian_step: bool) -> dict[str, Any] | None:
         """Make ``p``'s state what a fresh run with today's settings keeps (D between
         Hessian steps only when update_each > 1: settings may have changed) and count the
-        step; False when ``p`` has no D yet and waits for the next Hessian step."""
+        step; its state, or None when ``p`` has no D yet and waits for the next Hessian step."""
         state = self.state[p]
         if not hessian_step:
             if "hessian" not in state:
-                return False
+                return None
         else:
             if not state:
                 state.update(_new_state(p))
@@ -505,7 +506,7 @@ class AdaHessian(Optimizer):
             elif plan.update_each == 1:
                 state.pop("hessian", None)
         state["step"] += 1
-        return True
+        return state
 
     def _trainable(self) -> tuple[list[Tensor], list[int]]:
         """The parameters that require grad, and their flat indices (the sampler's)."""
