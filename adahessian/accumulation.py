@@ -25,11 +25,11 @@ SUB_BATCH_FLOOR = 0.1
 
 
 class Draw(NamedTuple):
-    """What one optimizer step's z depend on: the step (``optimizer_step``), the sampler's
+    """What one optimizer step's z depend on: the step's number (``optimizer_step``), the sampler's
     counter before it, ``n_samples`` and the seed. Sample ``s`` of the parameter at flat
     index ``idx`` has the sampler key ``rademacher_key(seed, idx, counter + s)``."""
 
-    step: int
+    optimizer_step: int
     counter: int
     n_samples: int
     seed: int

@@ -70,29 +70,29 @@ def loss_scale(optimizer: Any, attached: Any) -> LossScale:
     raise RuntimeError(UNSCALED_MESSAGE)
 
 
-def settle_(scale: LossScale, overflow: Overflow | None, step, distributor):
+def settle_(scale: LossScale, overflow: Overflow | None, lists, distributor):
     """The GradScaler stage of a step, and its one decision whether the step is skipped
     (GradScaler semantics: nothing changes; returns None then): the gradients of
-    ``step`` (a :class:`adahessian.distributed.StepLists`) are unscaled in place (so
+    ``lists`` (a :class:`adahessian.distributed.StepLists`) are unscaled in place (so
     ``p.grad`` is unscaled after ``step()``, as after ``scaler.unscale_``), and averaged
     across ranks by ``distributor``. A single process decides first, from ``overflow``
     (the checked Hessian-vector product's outcome, which read both flags at once) or else
     GradScaler's flag (one host read), and unscales only a step it takes; ranks unscale
     first (their scales may differ) and decide on the average, so all decide alike.
     Returns the lists the update runs on."""
-    grads = [g for g in step.grads if g is not None]
+    grads = [g for g in lists.grads if g is not None]
     if not distributor.communicates:
         if overflow is not None and overflow is not Overflow.NONE:
             return None
         if overflow is None and scale.found_inf is not None and bool(scale.found_inf):
             return None
         _unscale_gradients_(grads, scale)
-        return step
+        return lists
     _unscale_gradients_(grads, scale)
-    step = distributor.average_(step)
-    if scale.found_inf is not None and any_nonfinite(step.grads + step.estimate_tensors()):
+    lists = distributor.average_(lists)
+    if scale.found_inf is not None and any_nonfinite(lists.grads + lists.estimate_tensors()):
         return None
-    return step
+    return lists
 
 
 def _unscale_gradients_(grads: list[Tensor], scale: LossScale) -> None:

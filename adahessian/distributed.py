@@ -63,8 +63,8 @@ class SingleProcess:
         """Warn when torch.distributed runs several ranks that would drift apart."""
         warn_if_ranks_would_diverge()
 
-    def average_(self, step: StepLists) -> StepLists:
-        return step
+    def average_(self, lists: StepLists) -> StepLists:
+        return lists
 
 
 class DataParallel:
@@ -84,14 +84,14 @@ class DataParallel:
     def check(self, fingerprint: dict[str, int], device: torch.device) -> None:
         check_same_everywhere(self.group, fingerprint, device)
 
-    def average_(self, step: StepLists) -> StepLists:
+    def average_(self, lists: StepLists) -> StepLists:
         """Average the gradients and the estimate's tensors in place; the parameters no
-        rank had a gradient for drop out of the step."""
+        rank had a gradient for drop out of the lists."""
         start = time.perf_counter()
-        params = [p for _, _, p in step.entries]
-        grads, keep = average_(self.group, params, step.grads, step.estimate_tensors())
+        params = [p for _, _, p in lists.entries]
+        grads, keep = average_(self.group, params, lists.grads, lists.estimate_tensors())
         self.last_average_seconds = time.perf_counter() - start
-        return StepLists(step.entries, grads, step.estimate).select(keep)
+        return StepLists(lists.entries, grads, lists.estimate).select(keep)
 
 
 def distributor_for(process_group, draw, update_each: int, params: list[Tensor]) -> SingleProcess | DataParallel:
@@ -110,7 +110,7 @@ def fingerprint(draw, update_each: int, n_params: int) -> dict[str, int]:
     """What every rank must agree on, for :meth:`DataParallel.check`."""
     return {
         "seed": draw.seed,
-        "step counter": draw.step,
+        "step counter": draw.optimizer_step,
         "Rademacher counter": draw.counter,
         "update_each": update_each,
         "n_samples": draw.n_samples,

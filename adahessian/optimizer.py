@@ -326,15 +326,15 @@ class AdaHessian(Optimizer):
         (a plain ``backward()`` with ``hvp="finite_difference"``/``"central_difference"``,
         whose Hessian steps need it: they evaluate it again at perturbed parameters)
         and returns the loss, which ``step`` returns (at the unperturbed parameters)."""
-        plan = self._sync()
-        plan.hvp.check_scaler(getattr(self, "found_inf", None) is not None or self._grad_scaler is not None)
         try:
+            plan = self._sync()
+            plan.hvp.check_scaler(getattr(self, "found_inf", None) is not None or self._grad_scaler is not None)
             hessian_step = self.hessian_due
             loss, differences = plan.hvp.evaluate(closure, self._trainable() if hessian_step else None,
                                                   hessian_step=hessian_step, draw=self._draw(),
                                                   factor=self._hessian_scale.scale, implementations=plan.implementations)
             accumulated = self._accumulator.take() if differences is None else differences
-            self._step(plan, hessian_step, accumulated)
+            self._advance(plan, hessian_step, accumulated)
         finally:
             self._accumulator.take()
             accumulation.release_graphs(self._flat_params())
@@ -373,7 +373,8 @@ class AdaHessian(Optimizer):
 
     # ------------------------------------------------------------------ internals
 
-    def _step(self, plan: settings.Plan, hessian_step: bool, accumulated: accumulation.Accumulated | None) -> None:
+    def _advance(self, plan: settings.Plan, hessian_step: bool, accumulated: accumulation.Accumulated | None) -> None:
+        """The step after the closure's evaluation: gather, estimate, settle, update, count."""
         scale = amp.loss_scale(self, self._grad_scaler)
         distributor = self._checked_distributor()
         entries, grads = self._gather(every_trainable=distributor.every_trainable)
@@ -396,12 +397,12 @@ class AdaHessian(Optimizer):
             )
             if overflow is not None:
                 self._set_counter("hessian_scale", self._hessian_scale.state_dict())
-        step = amp.settle_(scale, overflow, StepLists(entries, grads, estimate), distributor)
-        if step is None:
+        lists = amp.settle_(scale, overflow, StepLists(entries, grads, estimate), distributor)
+        if lists is None:
             return
         if accumulated is not None and accumulated.floor:  # on the ranks' average
-            accumulation.floor_(step.estimate, accumulated.floor, plan.n_samples)
-        self._update(plan, step)
+            accumulation.floor_(lists.estimate, accumulated.floor, plan.n_samples)
+        self._update(plan, lists)
         self._set_counter("optimizer_step", self._counter("optimizer_step") + 1)
         if hessian_step:
             self._set_counter("rademacher_counter", self._counter("rademacher_counter") + plan.n_samples)
@@ -467,24 +468,24 @@ class AdaHessian(Optimizer):
                 plan.averaging.rule(p.shape, what=f"the optimizer's parameter {flat_index} (in param group {g})")
                 checked.add(id(p))
 
-    def _update(self, plan: settings.Plan, step: StepLists) -> None:
+    def _update(self, plan: settings.Plan, lists: StepLists) -> None:
         """Bring each parameter's state to what today's settings keep, and run the
         functional core once per (param group, device): model parallel never hands one
         kernel call tensors of several devices."""
         buckets: dict[tuple[int, torch.device], list[int]] = {}
-        hessian_step = step.estimate is not None
-        prepared = [self._prepare_state(p, plan, hessian_step=hessian_step) for _, _, p in step.entries]
-        for n, (g, _, p) in enumerate(step.entries):
+        hessian_step = lists.estimate is not None
+        prepared = [self._prepare_state(p, plan, hessian_step=hessian_step) for _, _, p in lists.entries]
+        for n, (g, _, p) in enumerate(lists.entries):
             if prepared[n] is not None:
                 buckets.setdefault((g, p.device), []).append(n)
         for (g, device), ns in buckets.items():
             group = self.param_groups[g]
-            params, states = [step.entries[n][2] for n in ns], [prepared[n] for n in ns]
+            params, states = [lists.entries[n][2] for n in ns], [prepared[n] for n in ns]
             beta1, beta2 = group["betas"]
             functional.adahessian(
-                params, [step.grads[n] for n in ns], [s["exp_avg"] for s in states],
+                params, [lists.grads[n] for n in ns], [s["exp_avg"] for s in states],
                 [s["exp_hessian_diag_sq"] for s in states], [s.get("hessian") for s in states],
-                [s["step"] for s in states], estimate=step.estimate.select(ns) if hessian_step else None,
+                [s["step"] for s in states], estimate=lists.estimate.select(ns) if hessian_step else None,
                 n_samples=plan.n_samples, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
                 **plan.averaging._asdict(), backend=plan.implementations.on(device),
