@@ -96,6 +96,9 @@ def by_hand(trainer, kind="bert", accumulate=1, clip=0.0, autocast=None, update_
     fixes each parameter's Rademacher stream). ``autocast="fp16"``: GradScaler and float16
     autocast, the README's clipping pattern."""
     model = bert() if kind == "bert" else gpt2()
+    # The Trainer runs the model as TrainingArguments.use_cache says (False: no KV cache,
+    # whose concatenation lays the attention's operands out otherwise and rounds otherwise).
+    model.config.use_cache = getattr(trainer.args, "use_cache", model.config.use_cache)
     params = dict(model.named_parameters())
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     groups = [
