@@ -70,6 +70,12 @@ def loss_scale(optimizer: Any, attached: Any) -> LossScale:
     raise RuntimeError(UNSCALED_MESSAGE)
 
 
+def found_inf(scale: LossScale) -> bool:
+    """Did GradScaler find an inf/NaN in the gradients (the step is skipped)? One host
+    read; False without a scaler."""
+    return scale.found_inf is not None and bool(scale.found_inf)
+
+
 def settle_(scale: LossScale, overflow: Overflow | None, lists, distributor):
     """The GradScaler stage of a step, and its one decision whether the step is skipped
     (GradScaler semantics: nothing changes; returns None then): the gradients of
@@ -84,7 +90,7 @@ def settle_(scale: LossScale, overflow: Overflow | None, lists, distributor):
     if not distributor.communicates:
         if overflow is not None and overflow is not Overflow.NONE:
             return None
-        if overflow is None and scale.found_inf is not None and bool(scale.found_inf):
+        if overflow is None and found_inf(scale):
             return None
         _unscale_gradients_(grads, scale)
         return lists
@@ -107,16 +113,21 @@ def _unscale_gradients_(grads: list[Tensor], scale: LossScale) -> None:
 def unscale_and_check_(tensors: list[Tensor], divisor: Tensor, found_inf: Tensor | None) -> Overflow:
     """Divide ``tensors`` (Hz) by ``divisor`` in place, then check them for inf/NaN (after
     the division: a divisor below 1 can overflow a finite value); one host read, which
-    reads GradScaler's ``found_inf`` too."""
+    reads GradScaler's ``found_inf`` too. A product that is NaN with none infinite is
+    not an overflow (an overflow leaves an inf in some tensor's maximum): NAN, which no
+    smaller scale can help."""
     for device, ns in by_device(tensors).items():
         torch._foreach_mul_([tensors[n] for n in ns], _reciprocal(divisor, device))
-    status = 2 * _nonfinite(tensors).to(torch.int32)
+    norms = _max_norms(tensors)
+    status = 2 * torch.isinf(norms).any().to(torch.int32) + 4 * torch.isnan(norms).any().to(torch.int32)
     if found_inf is not None:
         status += (found_inf.to(status.device).reshape(()) > 0).to(torch.int32)
     status = int(status.item())
     if status & 1:
         return Overflow.GRADIENTS
-    return Overflow.HESSIAN if status else Overflow.NONE
+    if status & 2:
+        return Overflow.HESSIAN
+    return Overflow.NAN if status else Overflow.NONE
 
 
 def any_nonfinite(tensors: list[Tensor]) -> bool:
@@ -125,15 +136,20 @@ def any_nonfinite(tensors: list[Tensor]) -> bool:
 
 
 def _nonfinite(tensors: list[Tensor]) -> Tensor:
-    """A 0-dim bool tensor (no host read): any inf or NaN in ``tensors``? One foreach
-    max-norm per device (empty tensors have none, and no max-norm)."""
+    """A 0-dim bool tensor (no host read): any inf or NaN in ``tensors``?"""
+    return torch.logical_not(torch.isfinite(_max_norms(tensors)).all())
+
+
+def _max_norms(tensors: list[Tensor]) -> Tensor:
+    """Each tensor's max |x| in one 1-D tensor (no host read; NaN where it holds a NaN):
+    one foreach max-norm per device (empty tensors have none, and no max-norm)."""
     tensors = [t for t in tensors if t.numel()]
     norms = [n.reshape(1) for ns in by_device(tensors).values()
              for n in torch._foreach_norm([tensors[k] for k in ns], float("inf"))]
     if not norms:
-        return torch.tensor(False)
+        return torch.zeros(0)
     device = norms[0].device
-    return torch.logical_not(torch.isfinite(torch.cat([n.to(device) for n in norms])).all())
+    return torch.cat([n.to(device) for n in norms])
 
 
 def _reciprocal(scale: Tensor, device: torch.device) -> Tensor:
@@ -148,6 +164,7 @@ class Overflow(Enum):
     NONE = 0
     GRADIENTS = 1  # GradScaler found an inf/NaN in the gradients: the step is skipped
     HESSIAN = 2  # Hz stayed non-finite through every back-off: the step is skipped
+    NAN = 3  # Hz is NaN, none of it infinite: not an overflow, not retried; the step is skipped
 
 
 class HessianScale:
@@ -184,12 +201,24 @@ class HessianScale:
         self.growth_tracker = 0
         return True
 
-    def finished(self, ok: bool) -> None:
-        """Record a Hessian step's outcome: ``ok`` (its Hz were finite) or skipped."""
-        if not ok:
+    def finished(self, outcome: Overflow) -> None:
+        """Record a Hessian step's outcome (NONE: its Hz were finite; HESSIAN, NAN:
+        skipped), warning at the 2nd, 4th, 8th, ... overflow in a row and at the 1st,
+        2nd, 4th, ... NaN."""
+        if outcome is not Overflow.NONE:
             self.skipped_steps += 1
             self.consecutive_skips += 1
-            if self.consecutive_skips >= 2 and self.consecutive_skips & (self.consecutive_skips - 1) == 0:
+            power_of_two = self.consecutive_skips & (self.consecutive_skips - 1) == 0
+            if outcome is Overflow.NAN and power_of_two:
+                warn(
+                    f"AdaHessian: {self.consecutive_skips} Hessian step(s) in a row skipped because the "
+                    "Hessian-vector products are NaN, with none of them infinite: not an overflow, so no smaller "
+                    "scale can help. A known cause is float16 autocast on the CPU with a convolution followed by "
+                    "BatchNorm, whose double backward returns NaN there (a PyTorch limitation): use bfloat16 "
+                    "autocast on the CPU (it needs no GradScaler). Otherwise the model's forward or backward "
+                    "produces NaN: check it without the scaler."
+                )
+            elif outcome is Overflow.HESSIAN and self.consecutive_skips >= 2 and power_of_two:
                 warn(
                     f"AdaHessian: {self.consecutive_skips} Hessian steps in a row skipped "
                     f"because the Hessian-vector products were not finite even at a factor "

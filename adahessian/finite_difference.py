@@ -32,6 +32,7 @@ from torch import Tensor
 
 from . import accumulation
 from .accumulation import Accumulated, Accumulator, Draw
+from .buffers import buffers_kept
 from .devices import by_device
 from .functional import Difference, Estimate
 
@@ -177,7 +178,7 @@ def _gradient_at(closure, params, theta, zs, step, rng) -> list[Tensor]:
         p.grad = None
     rng.restore()
     try:
-        with torch.enable_grad(), _buffers_kept(), warnings.catch_warnings():
+        with torch.enable_grad(), buffers_kept(), warnings.catch_warnings():
             # torch warns that a compiled module's wrapper also fires the hook: it is seen once.
             warnings.filterwarnings("ignore", message="Using `torch.compile\\(module\\)` when there are global hooks")
             closure()
@@ -199,28 +200,3 @@ class _RandomState:
         torch.set_rng_state(self.cpu)
         for device, state in self.cuda.items():
             torch.cuda.set_rng_state(state, device)
-
-
-class _buffers_kept:
-    """Within: every module that runs in training mode has its buffers (and its
-    submodules') copied before its forward; on exit they are written back in place."""
-
-    def __enter__(self) -> None:
-        self.saved: dict[int, tuple[Tensor, Tensor]] = {}
-        self.seen: set[int] = set()
-        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self._hook)
-
-    def _hook(self, module: torch.nn.Module, _args: Any) -> None:
-        if id(module) in self.seen or not module.training:
-            return
-        for sub in module.modules():
-            self.seen.add(id(sub))
-        for buffer in module.buffers():
-            if id(buffer) not in self.saved:
-                self.saved[id(buffer)] = (buffer, buffer.detach().clone())
-
-    def __exit__(self, *exc: Any) -> None:
-        self.handle.remove()
-        with torch.no_grad():
-            for buffer, value in self.saved.values():
-                buffer.copy_(value)

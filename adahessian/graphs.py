@@ -149,11 +149,19 @@ def _passes_once_differentiable(grads: list[Tensor]) -> bool:
     return False
 
 
+# What D = 0 does to the update (docs/algorithm.md, step 5: the denominator is eps).
+EPS_ALONE = (
+    "their update divides by eps alone: each step moves such an element by up to lr * |m| / eps, lr / eps "
+    "times its running mean gradient (10^7 times at lr=0.1, eps=1e-8); a larger eps bounds it (1e-4 is stable "
+    "on small CNNs and transformers)"
+)
+
+
 def _no_graph_warning(shapes: str) -> str:
     return (
         f"AdaHessian: backward ran with create_graph=True, but the gradient of the "
         f"parameter(s) of shape {shapes} has no autograd graph, so their Hessian rows are "
-        "taken as zero (D = 0; their update divides by eps alone). Possible causes: the loss "
+        f"taken as zero (D = 0; {EPS_ALONE}). Possible causes: the loss "
         "is linear in them (then D = 0 is exact); a custom torch.autograd.Function or fused "
         "kernel without double backward (e.g. a backward marked @once_differentiable) on "
         "the path from them to the loss; .detach() or torch.no_grad() inside the model."
@@ -164,7 +172,7 @@ def _unreached_warning(shapes: str) -> str:
     return (
         f"AdaHessian: no loss given to optimizer.backward() or optimizer.hessian_backward() "
         f"in this step reached the parameter(s) of shape {shapes}, which have a gradient: "
-        "their Hessian rows are taken as zero (D = 0; their update divides by eps alone). "
+        f"their Hessian rows are taken as zero (D = 0; {EPS_ALONE}). "
         "Give hessian_backward a loss that depends on every trained parameter (a sub-batch "
         "that exercises the same parts of the model as the full batch)."
     )

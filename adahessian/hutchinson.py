@@ -67,8 +67,9 @@ class Autograd:
         is retried with a lower factor c, while accumulated products, whose graphs are
         gone, skip the step and lower c for the next one. The second result says whether
         the step overflowed (None without a scale). Raises RuntimeError when the
-        gradients have no graph (``record.check``) or the graph has no double backward
-        (fused attention)."""
+        gradients have no graph (``record.check``; unless GradScaler's ``found_inf``
+        skips the step: then one host read) or the graph has no double backward (fused
+        attention)."""
         if accumulated is not None:
             result, overflow = accumulation.from_accumulated(
                 accumulated, params, grads, indices, implementations=implementations, record=record,
@@ -76,7 +77,16 @@ class Autograd:
             if overflow is amp.Overflow.HESSIAN:
                 hessian_scale.back_off()
         else:
-            record.check(indices, params, grads, any_graph=any(g is not None and graphs.has_graph(g) for g in grads))
+            try:
+                record.check(indices, params, grads, any_graph=any(g is not None and graphs.has_graph(g) for g in grads))
+            except RuntimeError:
+                if not amp.found_inf(loss_scale):
+                    raise
+                # GradScaler skips this step anyway (torch's protocol): no graph is needed, and
+                # zero products keep the ranks' buckets alike.
+                empty = Accumulated(draw, factor=hessian_scale.scale)
+                return accumulation.finish(empty, params, indices, implementations=implementations,
+                                           loss_scale=amp.LossScale(None, False, None))[0], amp.Overflow.GRADIENTS
             retries = 0
             while True:
                 acc = Accumulated(draw, factor=hessian_scale.scale)
@@ -89,5 +99,5 @@ class Autograd:
                     break
                 retries += 1
         if overflow is not None and overflow is not amp.Overflow.GRADIENTS:
-            hessian_scale.finished(ok=overflow is amp.Overflow.NONE)
+            hessian_scale.finished(overflow)
         return result, overflow

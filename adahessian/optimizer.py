@@ -177,8 +177,6 @@ class AdaHessian(Optimizer):
         self._graph_record = graphs.GraphRecord()
         self._graph_record.bind(self)
         self._accumulator = accumulation.Accumulator(self._graph_record)
-        # The parameters _check_shapes passed, under this plan (the plan itself).
-        self._shapes_checked: tuple[settings.Plan | None, set[int]] = (None, set())
 
     # ----------------------------------------------------------------- public API
 
@@ -207,6 +205,26 @@ class AdaHessian(Optimizer):
         self._process_group, self._distributor = value, None
 
     @property
+    def resolved_backend(self) -> str:
+        """The implementation the next step runs on these parameters, as ``backend``
+        resolves it for their device: ``"fused"`` (the compiled kernels) or
+        ``"reference"`` (the pure-PyTorch path; ``backend="auto"`` falls back to it, with
+        one warning, where the kernels are unavailable); with parameters on several
+        devices that differ, each device's ("fused on cuda:0, reference on cpu").
+        Read-only; also shown by ``repr(optimizer)``. Raises as ``step()`` would:
+        ValueError for a bad setting, RuntimeError for ``backend="fused"`` where the
+        kernels are unavailable."""
+        plan = settings.resync(self.param_groups, self._plan)[0]
+        return plan.implementations.describe(dict.fromkeys(p.device for p in self._flat_params()))
+
+    def __repr__(self) -> str:
+        try:
+            resolved = self.resolved_backend
+        except (ValueError, RuntimeError) as err:
+            resolved = f"none ({err})"
+        return f"{super().__repr__()[:-1]}resolved_backend: {resolved}\n)"
+
+    @property
     def distributor(self) -> distributed.SingleProcess | distributed.DataParallel | None:
         """How the last step was distributed (None before the first step, and after a
         change of ``process_group`` or of a setting until the next): a
@@ -232,12 +250,9 @@ class AdaHessian(Optimizer):
         optimizer-wide settings equal to the other groups' (ValueError), no complex
         parameter (RuntimeError), and the backend available on the parameters' device
         (RuntimeError for backend="fused"; meta tensors are checked at step())."""
-        params = param_group["params"]
-        if isinstance(params, Tensor):
-            params = [params]
-        elif not isinstance(params, set):  # torch's own check refuses sets, with its message
-            params = list(params)
-        param_group["params"] = params
+        params = param_group["params"]  # a set: torch's own check refuses it, with its message
+        params = param_group["params"] = (
+            [params] if isinstance(params, Tensor) else params if isinstance(params, set) else list(params))
         group = {**self.defaults, **param_group}
         settings.validate_hyperparameters(group)
         plan = settings.resync([group], self._plan)[0]  # ValueError for a bad setting
@@ -378,7 +393,7 @@ class AdaHessian(Optimizer):
         scale = amp.loss_scale(self, self._grad_scaler)
         distributor = self._checked_distributor()
         entries, grads = self._gather(every_trainable=distributor.every_trainable)
-        self._check_shapes(plan, entries)
+        plan.check_shapes(entries)
         if accumulated is not None:
             accumulation.check_draw(accumulated, self._draw() if hessian_step else None)
             accumulation.refuse_mixing(grads)
@@ -455,19 +470,6 @@ class AdaHessian(Optimizer):
                 flat_index += 1
         return entries, grads
 
-    def _check_shapes(self, plan: settings.Plan, entries) -> None:
-        """ValueError for a parameter whose shape the averaging settings refuse, before
-        the step changes anything (the state's step counts, the gradients, the product).
-        Each parameter once per value of the settings: not a per-step cost."""
-        checking, checked = self._shapes_checked
-        if checking is not plan:
-            checked = set()
-            self._shapes_checked = (plan, checked)
-        for g, flat_index, p in entries:  # by id: a parameter stays in its group, alive
-            if id(p) not in checked:
-                plan.averaging.rule(p.shape, what=f"the optimizer's parameter {flat_index} (in param group {g})")
-                checked.add(id(p))
-
     def _update(self, plan: settings.Plan, lists: StepLists) -> None:
         """Bring each parameter's state to what today's settings keep, and run the
         functional core once per (param group, device): model parallel never hands one
@@ -486,7 +488,7 @@ class AdaHessian(Optimizer):
                 params, [lists.grads[n] for n in ns], [s["exp_avg"] for s in states],
                 [s["exp_hessian_diag_sq"] for s in states], [s.get("hessian") for s in states],
                 [s["step"] for s in states], estimate=lists.estimate.select(ns) if hessian_step else None,
-                n_samples=plan.n_samples, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                n_samples=plan.n_samples, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
                 **plan.averaging._asdict(), backend=plan.implementations.on(device),
             )
@@ -511,8 +513,8 @@ class AdaHessian(Optimizer):
 
     def _trainable(self) -> tuple[list[Tensor], list[int]]:
         """The parameters that require grad, and their flat indices (the sampler's)."""
-        pairs = [(idx, p) for idx, p in enumerate(self._flat_params()) if p.requires_grad]
-        return [p for _, p in pairs], [idx for idx, _ in pairs]
+        flat = self._flat_params()
+        return [p for p in flat if p.requires_grad], [idx for idx, p in enumerate(flat) if p.requires_grad]
 
     def _flat_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]

@@ -60,6 +60,17 @@ class Plan:
         same_backend = previous is not None and not differs(previous.implementations.requested, named["backend"])
         self.implementations = previous.implementations if same_backend else backends.Implementations(named["backend"])
         self.hvp = PROVIDERS[named["hvp"]](named["hvp"])
+        self._checked: set[int] = set()  # ids of the parameters check_shapes passed
+
+    def check_shapes(self, entries) -> None:
+        """ValueError for a parameter whose shape the averaging settings refuse, before
+        the step changes anything (the state's step counts, the gradients, the product);
+        ``entries``: the step's (param group, flat index, parameter). Each parameter once
+        per plan, by id (a parameter stays in its group, alive): not a per-step cost."""
+        for g, flat_index, p in entries:
+            if id(p) not in self._checked:
+                self.averaging.rule(p.shape, what=f"the optimizer's parameter {flat_index} (in param group {g})")
+                self._checked.add(id(p))
 
 
 def plan_of(group: dict[str, Any], previous: Plan | None = None) -> Plan:
@@ -122,23 +133,27 @@ def validate_settings(group: dict[str, Any]) -> tuple:
 
 
 def validate_hyperparameters(group: dict[str, Any]) -> None:
-    """The original's rules for the per-group hyperparameters (ValueError), plus
-    weight_decay and a tensor lr."""
+    """The original's rules for the per-group hyperparameters (ValueError, stating the
+    rule), plus weight_decay; ``lr`` a Python number or, as torch.optim takes it, a
+    1-element real tensor (on any device: its value is read on the host, here and once
+    per step)."""
     lr, eps, betas, hessian_power = group["lr"], group["eps"], group["betas"], group["hessian_power"]
     if isinstance(lr, Tensor):
-        raise ValueError(
-            f"Invalid learning rate: a tensor ({lr!r}); AdaHessian takes lr as a Python float "
-            "(its step is not capturable, so a tensor lr buys nothing): pass float(lr)"
-        )
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(
+                f"Invalid learning rate: a tensor of shape {tuple(lr.shape)} and dtype {lr.dtype}; a tensor lr "
+                "holds one real number (a 1-element floating-point tensor), or pass a Python float"
+            )
+        lr = lr.item()
     if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
+        raise ValueError(f"Invalid learning rate: {lr} (a number >= 0)")
     if not 0.0 <= group["weight_decay"]:
-        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (a number >= 0)")
     if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
+        raise ValueError(f"Invalid epsilon value: {eps} (a number >= 0; 1e-4 is stable on small CNNs and transformers)")
     if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]} (in [0, 1))")
     if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]} (in [0, 1))")
     if not 0.0 <= hessian_power <= 1.0:
-        raise ValueError(f"Invalid Hessian power value: {hessian_power}")
+        raise ValueError(f"Invalid Hessian power value: {hessian_power} (in [0, 1])")

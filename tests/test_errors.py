@@ -66,6 +66,9 @@ def test_gradient_without_graph_gets_zero_curvature_and_one_warning(backend):
         assert len(ours) == (1 if step == 0 else 0)
         if ours:
             assert "(4, 2)" in str(ours[0].message) and "D = 0" in str(ours[0].message)
+            # What that step implies, and what bounds it.
+            assert "lr * |m| / eps" in str(ours[0].message) and "a larger eps bounds it" in str(ours[0].message)
+            assert ours[0].filename == __file__  # at the user's line
     assert torch.equal(opt.state[b]["hessian"], torch.zeros(4, 2))
     assert (opt.state[w]["hessian"] != 0).all()
 
@@ -225,7 +228,7 @@ def test_unavailable_fused_backend(monkeypatch):
         AdaHessian([_w()], backend="fused")
     with pytest.warns(UserWarning, match=r"no compiler here; using the reference path"):
         opt = AdaHessian([_w()], backend="auto")
-    assert opt._plan.implementations.on(torch.device("cpu")).NAME == "reference"
+    assert opt.resolved_backend == "reference" and "resolved_backend: reference" in repr(opt)
 
 
 class OnceDifferentiableTanh(torch.autograd.Function):

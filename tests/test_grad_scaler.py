@@ -260,3 +260,47 @@ def test_zero_size_parameters_under_a_grad_scaler(backend):
         opt.zero_grad()
         backward_and_step((w**4).sum() + empty.sum(), opt, torch.amp.GradScaler("cpu", init_scale=2.0**8))
     assert not torch.equal(w.detach(), before) and opt.state[empty]["step"] == 2
+
+
+def test_a_step_the_scaler_skips_needs_no_graph(backend):
+    # torch's protocol for optimizers that handle scaling: GradScaler hands grad_scale and
+    # found_inf to step(); a step it skips changes nothing, with or without the graph.
+    model = _model()
+    opt = AdaHessian(model.parameters(), backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = _batches(1)[0]
+    x = x.clone()
+    x[0, 0] = float("inf")
+    before = copy.deepcopy(model.state_dict())
+    scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()  # no create_graph
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9 and not opt.state and opt.hessian_due
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # The other order: finite gradients without the graph still get the clear error.
+    opt.zero_grad()
+    scaler.scale(torch.nn.functional.cross_entropy(model(_batches(1)[0][0]), y)).backward()
+    with pytest.raises(RuntimeError, match=r"without one: call loss.backward\(create_graph=True\)"):
+        scaler.step(opt)
+    assert not opt.state
+
+
+def test_a_nan_product_is_told_from_an_overflow_and_not_retried(backend):
+    # d/dw |w|^1.5 = 0 at w = 0, but its double backward is 0 * inf = NaN there: no scale
+    # helps, so the step is skipped at once (no back-off) and the warning says NaN.
+    w = torch.nn.Parameter(torch.tensor([0.0, 1.0]))
+    opt = AdaHessian([w], backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    messages = []
+    for _ in range(3):
+        opt.zero_grad()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            backward_and_step((w.abs() ** 1.5).sum(), opt, scaler)
+        messages.append([str(c.message) for c in caught if "AdaHessian" in str(c.message)])
+    assert torch.equal(w.detach(), torch.tensor([0.0, 1.0]))
+    hessian_scale = opt.state_dict()["param_groups"][0]["hessian_scale"]
+    assert hessian_scale["scale"] == 1.0 and hessian_scale["backoffs"] == 0 and hessian_scale["skipped_steps"] == 3
+    assert [len(m) for m in messages] == [1, 1, 0]  # at 1 and 2 in a row, then 4, 8, ...
+    assert "NaN, with none of them infinite" in messages[0][0] and "bfloat16 autocast" in messages[0][0]
+    assert scaler.get_scale() == 2.0**8  # the gradients were finite: the scaler did not back off

@@ -4,6 +4,7 @@ full-batch backward and free each graph at once; hessian_backward gives the sub-
 Hessian and leaves the gradients alone; GradScaler, process_group, the settings and the
 errors."""
 
+import contextlib
 import copy
 import gc
 import weakref
@@ -12,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import adahessian
 from adahessian import AdaHessian, sampler
 
 F = nn.functional
@@ -349,3 +351,31 @@ def test_the_state_dict_holds_what_the_classic_path_holds(backend):
     a, b = opt.state_dict(), twin_opt.state_dict()
     assert a["param_groups"] == b["param_groups"]
     assert {k: sorted(v) for k, v in a["state"].items()} == {k: sorted(v) for k, v in b["state"].items()}
+
+
+def test_the_sub_batch_forward_under_buffers_kept_leaves_running_statistics_alone(backend):
+    # hessian_backward's sub-batch forward is one more training-mode forward: without
+    # buffers_kept it updates BatchNorm's running statistics a second time.
+    def run(keep):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+        opt = AdaHessian(model.parameters(), backend=backend)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(16, 4, generator=g), torch.randn(16, 2, generator=g)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        with adahessian.buffers_kept() if keep else contextlib.nullcontext():
+            opt.hessian_backward(torch.nn.functional.mse_loss(model(x[:4]), y[:4]))
+        opt.step()
+        return model[1], model
+
+    kept, kept_model = run(True)
+    plain, plain_model = run(False)
+    assert int(kept.num_batches_tracked) == 1 and int(plain.num_batches_tracked) == 2
+    torch.manual_seed(0)
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    g = torch.Generator().manual_seed(1)
+    fresh(torch.randn(16, 4, generator=g))  # the full batch's forward alone
+    assert torch.equal(kept.running_mean, fresh[1].running_mean) and torch.equal(kept.running_var, fresh[1].running_var)
+    # The step is the same either way: the forward used the sub-batch's own statistics.
+    assert all(torch.equal(a, b) for a, b in zip(kept_model.parameters(), plain_model.parameters()))

@@ -171,9 +171,47 @@ def test_groups_that_disagree_on_a_setting_are_refused_at_step():
         opt.step()
 
 
-@pytest.mark.parametrize("lr", [torch.tensor(1e-3), torch.tensor([1e-3]), torch.tensor([1e-3, 1e-3])], ids=str)
-def test_tensor_lr_is_refused_with_a_value_error(lr):
-    with pytest.raises(ValueError, match="learning rate.*float"):
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["0-dim", "1-element"])
+def test_a_tensor_lr_trains_as_its_float_does_and_resumes(backend, shape):
+    # torch.optim takes lr as a 1-element tensor (schedulers fill_ it in place); the step
+    # reads it once on the host. Same run as the float lr, bit for bit, and a state dict
+    # that holds the tensor resumes exactly.
+    def run(tensor):
+        model, opt = _make(backend)
+        for group in opt.param_groups:
+            # float64: the same number as the float lr (a float32 tensor holds a rounded one).
+            group["lr"] = torch.full(shape, group["lr"], dtype=torch.float64) if tensor else group["lr"]
+        schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        for x, y in _batches(4):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward(create_graph=opt.hessian_due)
+            opt.step()
+            schedule.step()
+        return model, opt
+
+    (model, opt), (reference, reference_opt) = run(tensor=True), run(tensor=False)
+    assert all(torch.is_tensor(g["lr"]) and g["lr"].shape == shape for g in opt.param_groups)
+    assert [float(g["lr"]) for g in opt.param_groups] == [g["lr"] for g in reference_opt.param_groups]
+    _assert_same(model, reference)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    model_b, opt_b = _twin(model, backend)
+    opt_b.load_state_dict(torch.load(buffer))  # weights_only: the tensor lr loads too
+    assert all(torch.equal(a["lr"], b["lr"]) for a, b in zip(opt_b.param_groups, opt.param_groups))
+    for m, o in ((model, opt), (model_b, opt_b)):
+        _train(m, o, _batches(3, first=4))
+    _assert_same(model, model_b)
+
+
+@pytest.mark.parametrize("lr,message", [
+    (torch.tensor([1e-3, 1e-3]), r"a tensor of shape \(2,\).*one real number \(a 1-element"),
+    (torch.tensor(1), r"dtype torch.int64.*1-element floating-point"),
+    (torch.tensor(-0.1), r"Invalid learning rate: -0.1\d* \(a number >= 0\)"),
+    (-0.1, r"Invalid learning rate: -0.1 \(a number >= 0\)"),
+], ids=["two elements", "integer", "negative tensor", "negative"])
+def test_a_bad_lr_is_refused_with_the_rule(lr, message):
+    with pytest.raises(ValueError, match=message):
         AdaHessian([torch.nn.Parameter(torch.randn(3))], lr=lr, backend="reference")
 
 
@@ -200,6 +238,19 @@ def test_repr_shows_the_optimizer_wide_settings():
                            average_conv_kernel=True, backend="reference"))
     for line in ("update_each: 4", "n_samples: 2", "seed: 7", "average_conv_kernel: True", "backend: reference"):
         assert line in text
+
+
+def test_resolved_backend_says_what_the_next_step_runs(fused_kernels):
+    opt = AdaHessian([torch.nn.Parameter(torch.randn(3))])
+    assert opt.backend == "auto" and opt.resolved_backend == "fused" and "resolved_backend: fused" in repr(opt)
+    opt.backend = "reference"  # before any step: what the next one runs
+    assert opt.resolved_backend == "reference" and "resolved_backend: reference" in repr(opt)
+    opt.update_each = 0  # repr never raises; the property raises as step() would
+    assert "resolved_backend: none (Invalid update_each: 0" in repr(opt)
+    with pytest.raises(ValueError, match="Invalid update_each"):
+        opt.resolved_backend
+    with pytest.raises(AttributeError):
+        opt.resolved_backend = "fused"
 
 
 def test_fused_backend_on_meta_parameters_is_accepted_at_construction():

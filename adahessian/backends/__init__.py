@@ -64,3 +64,12 @@ class Implementations:
         if found is None:
             found = self._by_device[device] = resolve(self.requested, device)
         return found
+
+    def describe(self, devices) -> str:
+        """The implementation that runs on ``devices``: its name ("fused" or
+        "reference"), or each device's where they differ ("fused on cuda:0, reference on
+        cpu")."""
+        names = {device: self.on(device).NAME for device in devices}
+        if len(set(names.values())) == 1:
+            return next(iter(names.values()))
+        return ", ".join(f"{name} on {device}" for device, name in names.items())
