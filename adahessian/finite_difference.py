@@ -15,16 +15,19 @@ eps is one scalar per product (a per-tensor eps would compute ``H (eps * z)`` wi
 different eps per block, not ``Hz``: the off-diagonal blocks of H mix them):
 ``eps = u^(1/2) (1 + ||theta||) / ||z||`` for the forward difference and ``u^(1/3) (1 +
 ||theta||) / ||z||`` for the central one, u the unit round-off of the lowest precision
-among the parameters, norms over all of them: the classic balance of truncation
-(O(eps) forward, O(eps^2) central) against rounding (O(u / eps)), with the step per
-element ``eps`` relative to the parameters' scale.
+the gradients are computed in (the parameters' dtypes, and the dtype of any autocast the
+closure's evaluation at theta runs its modules under: bfloat16 autocast computes the
+gradients with u = 2^-8, not float32's 2^-24), norms over all of them: the classic
+balance of truncation (O(eps) forward, O(eps^2) central) against rounding (O(u / eps)),
+with the step per element ``eps`` relative to the parameters' scale.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -100,9 +103,10 @@ class FiniteDifference:
         return accumulation.from_accumulated(accumulated, params, grads, indices, implementations=implementations,
                                              record=record, loss_scale=loss_scale)
 
-    def epsilon(self, params: list[Tensor]) -> float:
-        """The scalar eps for ``params`` (module doc); one host read."""
-        unit = max(torch.finfo(p.dtype).eps / 2 for p in params)
+    def epsilon(self, params: list[Tensor], computed_in: set[torch.dtype] = frozenset()) -> float:
+        """The scalar eps for ``params`` whose gradients are also computed in the dtypes
+        ``computed_in`` (autocast's; module doc); one host read."""
+        unit = max(torch.finfo(dtype).eps / 2 for dtype in {p.dtype for p in params} | set(computed_in))
         root = unit ** (1 / 3) if self.central else math.sqrt(unit)
         squares = [
             torch.stack(torch._foreach_norm([params[n].detach() for n in ns])).double().square().sum().cpu()
@@ -119,7 +123,7 @@ class FiniteDifference:
         ``p.grad`` is the gradient there. RuntimeError when the closure leaves no
         gradient."""
         rng = _RandomState(params)
-        with torch.enable_grad():
+        with torch.enable_grad(), _AutocastSeen(params) as autocast, _global_hooks_allowed():
             loss = closure()
         after = _RandomState(params)
         reached = [n for n, p in enumerate(params) if p.grad is not None]
@@ -134,7 +138,7 @@ class FiniteDifference:
         grads = [p.grad for p in params]  # their memory: p.grad is written back into it
         at_theta = [g.detach().clone() for g in grads]
         theta = [p.detach().clone() for p in params]
-        eps = self.epsilon(params)
+        eps = self.epsilon(params, autocast.dtypes)
         try:
             for s in range(acc.draw.n_samples):
                 keys = acc.draw.keys(indices, s)
@@ -178,14 +182,43 @@ def _gradient_at(closure, params, theta, zs, step, rng) -> list[Tensor]:
         p.grad = None
     rng.restore()
     try:
-        with torch.enable_grad(), buffers_kept(), warnings.catch_warnings():
-            # torch warns that a compiled module's wrapper also fires the hook: it is seen once.
-            warnings.filterwarnings("ignore", message="Using `torch.compile\\(module\\)` when there are global hooks")
+        with torch.enable_grad(), buffers_kept(), _global_hooks_allowed():
             closure()
     finally:
         with torch.no_grad():
             torch._foreach_copy_(params, theta)
     return [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
+
+
+@contextmanager
+def _global_hooks_allowed() -> Iterator[None]:
+    """Within: no warning that a compiled module's wrapper also fires the global module
+    hooks of buffers_kept and _AutocastSeen (each is idempotent: a second firing changes
+    nothing)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using `torch.compile\\(module\\)` when there are global hooks")
+        yield
+
+
+class _AutocastSeen:
+    """Within: the dtypes autocast computes in (on the parameters' device types) when a
+    module's forward starts, collected in ``dtypes``; empty where no autocast ran."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.device_types = {p.device.type for p in params}
+        self.dtypes: set[torch.dtype] = set()
+
+    def __enter__(self) -> _AutocastSeen:
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self._hook)
+        return self
+
+    def _hook(self, _module: torch.nn.Module, _args: Any) -> None:
+        for device_type in self.device_types:
+            if torch.is_autocast_enabled(device_type):
+                self.dtypes.add(torch.get_autocast_dtype(device_type))
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
 
 
 class _RandomState:

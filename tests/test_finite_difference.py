@@ -72,6 +72,43 @@ def test_d_matches_the_exact_d_within_the_error_model(backend, cls, dtype, hvp, 
         assert error > 1e-7  # the comparison is not between two exact products
 
 
+# Under autocast the gradients are computed in its dtype (unit round-off u = 2^-8 for
+# bfloat16, 2^-11 for float16), and eps follows that u. The error model: forward
+# truncation eps/2 |L'''[z, z]| plus rounding 2 u |g| / eps, smallest near eps ~ sqrt(u)
+# at about 2.5 sqrt(u) relative; central eps^2/6 |L''''| plus u |g| / eps, about
+# 1.2 u^(2/3) at eps ~ u^(1/3). The factor 4 leaves room for the models' own scales of
+# the third and fourth derivatives against H (measured: 0.9-1.8 x sqrt(u) resp. u^(2/3);
+# with float32's u in eps, bfloat16 autocast gave relative errors of 8 and 0.4).
+AUTOCAST_BOUNDS = {"finite_difference": lambda u: 4 * u**0.5, "central_difference": lambda u: 4 * u ** (2 / 3)}
+
+
+@pytest.mark.parametrize("cls", [MLP, Transformer], ids=["mlp", "transformer"])
+@pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("hvp", list(AUTOCAST_BOUNDS))
+def test_d_under_autocast_matches_the_exact_d_within_the_error_model(backend, cls, autocast, hvp):
+    torch.manual_seed(0)
+    exact_model = cls()
+    model = copy.deepcopy(exact_model)
+    exact_opt = AdaHessian(exact_model.parameters(), update_each=2, backend=backend)
+    opt = AdaHessian(model.parameters(), update_each=2, hvp=hvp, backend=backend)
+    x, y = _batch(cls, torch.float32)
+    with math_attention():
+        _loss(exact_model, x, y).backward(create_graph=True)  # float32, no autocast
+    exact_opt.step()
+
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=autocast):  # float16 without a scaler: the closure's choice
+            loss = _loss(model, x, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    u = torch.finfo(autocast).eps / 2
+    error = _relative(_hessians(model, opt), _hessians(exact_model, exact_opt))
+    assert u < error <= AUTOCAST_BOUNDS[hvp](u)
+
+
 # The ops that would form the difference g(theta + eps z) - g(theta) as a tensor.
 DIFFERENCE_OPS = {"aten::sub", "aten::sub_", "aten::_foreach_sub", "aten::_foreach_sub_", "aten::rsub"}
 
