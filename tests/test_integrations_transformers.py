@@ -211,12 +211,53 @@ def test_an_optimizer_of_the_callers_is_used_and_checked(tmp_path):
         trainer.train()
 
 
-def test_a_finite_difference_hvp_is_refused_clearly(tmp_path):
+def by_hand_finite_difference(trainer, hvp, accumulate=1, update_each=2):
+    """The hand-written step(closure) loop the Trainer's finite-difference run should equal."""
+    model = bert()
+    params = dict(model.named_parameters())
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    groups = [{"params": [params[names[id(p)]] for p in g["params"]], "weight_decay": g["weight_decay"]}
+              for g in unwrap_params(trainer)]
+    opt = AdaHessian(groups, lr=0.01, eps=1e-4, update_each=update_each, hvp=hvp)
+    data = dataset("bert")
+    micro = BATCH // accumulate
+    for step in range(STEPS):
+        batches = [{k: torch.stack([d[k] for d in data[start : start + micro]]) for k in data[0]}
+                   for start in range(step * BATCH, (step + 1) * BATCH, micro)]
+
+        def closure():
+            opt.zero_grad()
+            total = 0.0
+            for batch in batches:
+                loss = model(**batch).loss / accumulate
+                loss.backward()
+                total += loss.detach()
+            return total
+
+        opt.step(closure)
+    return model
+
+
+@pytest.mark.parametrize("hvp", ["finite_difference", "central_difference"])
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_finite_difference_hvp_trains_as_a_hand_written_closure_loop(tmp_path, hvp, accumulate):
+    trainer, graphs = train(tmp_path, adahessian_kwargs={"update_each": 2, "hvp": hvp},
+                            per_device_train_batch_size=BATCH // accumulate, gradient_accumulation_steps=accumulate)
+    assert graphs == [False] * STEPS  # plain backwards only
+    optimizer = unwrap(trainer.optimizer)
+    assert "step" not in optimizer.__dict__  # the shadowed step is gone after each Hessian step
+    assert "hessian" in optimizer.state[trainer.model.classifier.weight]
+    assert_same(trainer, by_hand_finite_difference(trainer, hvp, accumulate))
+
+
+def test_a_finite_difference_hvp_under_fp16_is_refused_clearly(tmp_path):
     trainer = AdaHessianTrainer(
-        model=bert(), args=arguments(tmp_path), train_dataset=dataset("bert"),
+        model=bert(), args=arguments(tmp_path, fp16=True), train_dataset=dataset("bert"),
         adahessian_kwargs={"hvp": "finite_difference"},
     )
-    with pytest.raises(ValueError, match=r"hvp='autograd'\) only"):
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")  # as test_fp16_attaches_the_scaler_and_clips
+    trainer.accelerator.native_amp = True
+    with pytest.raises(RuntimeError, match=r"does not combine with a GradScaler.*bfloat16 autocast"):
         trainer.train()
 
 

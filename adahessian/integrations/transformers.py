@@ -39,6 +39,16 @@ class AdaHessianTrainer(transformers.Trainer):
     ``math_attention_on_hessian_steps=False`` turns that off (for models whose attention
     is eager anyway).
 
+    With ``hvp="finite_difference"`` or ``"central_difference"`` every backward is plain
+    and the fused attention kernels stay on: on a Hessian step the optimizer's step gets
+    a closure that evaluates the step's micro-batches again (the Trainer's own training
+    step on the same inputs: its loss, its normalisation under gradient accumulation, its
+    autocast), at theta and at the perturbed parameters; so such a step costs one
+    evaluation more than the hand-written ``step(closure)`` loop, whose first
+    evaluation is the step's own. Other steps cost what Adam's do. ``fp16=True`` is
+    refused there (GradScaler refuses a closure; use ``bf16=True``); DDP needs no
+    ``no_sync`` on this path.
+
     Args:
         *args: ``transformers.Trainer``'s.
         adahessian_kwargs (dict, optional): further :class:`AdaHessian` arguments for the
@@ -49,9 +59,8 @@ class AdaHessianTrainer(transformers.Trainer):
     Raises:
         TypeError: ``adahessian_kwargs`` given together with an optimizer of the caller's;
             (at the first training step) the optimizer is not an :class:`AdaHessian`.
-        ValueError: an :class:`AdaHessian` argument outside its range; (at the first
-            training step) a finite-difference ``hvp``, which needs ``step(closure)``
-            and the Trainer passes none (not supported yet).
+        ValueError: an :class:`AdaHessian` argument outside its range.
+        RuntimeError: (at a Hessian step) a finite-difference ``hvp`` under ``fp16=True``.
     """
 
     def __init__(
@@ -87,11 +96,9 @@ class AdaHessianTrainer(transformers.Trainer):
         # accelerate's AcceleratedOptimizer does not forward attributes: read the wrapped one.
         optimizer = unwrap(self.optimizer)
         if optimizer.hvp != "autograd":
-            raise ValueError(
-                f"AdaHessianTrainer drives AdaHessian(hvp='autograd') only: the Trainer calls optimizer.step() "
-                f"without the closure that hvp={optimizer.hvp!r} evaluates again at perturbed parameters; use "
-                "hvp='autograd' (a DDP-wrapped multi-process run is not supported by this Trainer subclass yet)"
-            )
+            if optimizer.hessian_due:
+                self._replay_at_step(optimizer).append((model, inputs, num_items_in_batch))
+            return super().training_step(model, inputs, num_items_in_batch)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None:
             optimizer.attach_grad_scaler(scaler)
@@ -104,6 +111,31 @@ class AdaHessianTrainer(transformers.Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         finally:
             del self.accelerator.backward
+
+    def _replay_at_step(self, optimizer: AdaHessian) -> list[tuple[torch.nn.Module, dict[str, Any], Any]]:
+        """The micro-batches of this Hessian step, which the optimizer's next ``step``
+        evaluates again through a closure (a finite-difference ``hvp``): the step is
+        shadowed on the instance until it has run once, then restored (torch's LR
+        schedulers keep their own wrapper of it there)."""
+        if "_replayed" in optimizer.__dict__:
+            return optimizer._replayed
+        replayed: list[tuple[torch.nn.Module, dict[str, Any], Any]] = []
+        shadowed, step = optimizer.__dict__.get("step"), optimizer.step
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            return sum(super(AdaHessianTrainer, self).training_step(model, inputs, n) for model, inputs, n in replayed)
+
+        def step_with_closure(closure_given: Callable[[], Any] | None = None) -> Any:
+            try:
+                return step(closure_given or closure)
+            finally:
+                del optimizer.step, optimizer._replayed
+                if shadowed is not None:
+                    optimizer.step = shadowed
+
+        optimizer.step, optimizer._replayed = step_with_closure, replayed
+        return replayed
 
     def _backward_for(self, optimizer: AdaHessian, create_graph: bool) -> Callable[..., None]:
         """What the Trainer's ``accelerator.backward(loss)`` does for this step; it
