@@ -118,7 +118,10 @@ def accumulate_(
     n_samples = acc.draw.n_samples
     for s in range(n_samples):
         keys = acc.draw.keys(indices, s)
-        zs = sample(params, keys, implementations)
+        if s == n_samples - 1 and all(idx in acc.zs for idx in indices):
+            zs = [acc.zs[idx] for idx in indices]  # an earlier loss of the step drew these z: the same ones
+        else:
+            zs = sample(params, keys, implementations)
         outputs = zs if acc.factor == 1.0 else torch._foreach_mul(zs, acc.factor)
         hzs = graphs.hessian_vector_products(
             [grads[n] for n in graph], params, outputs, retain_graph=retain_graph or s < n_samples - 1

@@ -6,6 +6,7 @@ import importlib
 import os
 
 import pytest
+import tolerances
 import torch
 
 from adahessian import AdaHessian
@@ -122,6 +123,50 @@ def test_native_scaler_trains_as_a_hand_written_loop(registered, clip_grad):
 def test_clipping_without_the_attached_scaler_names_the_fix(registered):
     with pytest.raises(RuntimeError, match="attach_grad_scaler"):
         train_with_timm(0.05, attach=False, lr=0.05)
+
+
+def train_with_accumulation(scaler_kind, accum_steps=2, clip_grad=None):
+    """timm's train.py loop under --grad-accum-steps (loss / accum_steps, need_update on
+    the last micro-batch, zero_grad after the update), with today's NativeScaler or the
+    AccumulatingScaler; also whether any gradient carried a graph between micro-batches."""
+    from adahessian.integrations import timm as integration
+    from timm.utils import NativeScaler
+
+    model = make_model().double()  # float64: the trajectories compare within the error model
+    opt = timm.optim.create_optimizer_v2(model, "adahessian", lr=0.05, eps=1e-4, update_each=2)
+    loss_scaler = {"native": lambda: NativeScaler(device="cpu"),
+                   "accumulating": lambda: integration.AccumulatingScaler(device="cpu"),
+                   "accumulating, no AMP": lambda: integration.AccumulatingScaler(device="cpu", enabled=False)}[scaler_kind]()
+    if scaler_kind == "native":
+        integration.attach_native_scaler(opt, loss_scaler)
+    graphs = []
+    for x, y in batches():
+        for m, (xm, ym) in enumerate(zip(x.chunk(accum_steps), y.chunk(accum_steps))):
+            loss = torch.nn.functional.cross_entropy(model(xm.double()), ym) / accum_steps
+            need_update = m == accum_steps - 1
+            loss_scaler(loss, opt, clip_grad=clip_grad, parameters=model.parameters(), create_graph=opt.is_second_order,
+                        need_update=need_update)
+            if not need_update:
+                graphs.append(any(p.grad is not None and p.grad.requires_grad for p in model.parameters()))
+        opt.zero_grad()
+    return model, graphs
+
+
+@pytest.mark.parametrize("clip_grad", [None, 0.05])
+def test_the_accumulating_scaler_keeps_one_micro_batchs_graph_and_trains_as_native(registered, clip_grad):
+    native, native_graphs = train_with_accumulation("native", clip_grad=clip_grad)
+    accumulating, graphs = train_with_accumulation("accumulating", clip_grad=clip_grad)
+    unscaled, _ = train_with_accumulation("accumulating, no AMP", clip_grad=clip_grad)
+    # train.py passes create_graph=is_second_order: NativeScaler keeps every graph until the step.
+    assert native_graphs == [True] * STEPS and graphs == [False] * STEPS  # freed at once
+    # Hz of the summed losses against the sum of each loss's Hz: equal to float rounding,
+    # normwise over the model (biases before a BatchNorm have a zero exact gradient: their
+    # values are round-off, which m / sqrt(v) amplifies; SPEC, section 5).
+    flat = lambda model: torch.cat([p.detach().flatten() for p in model.parameters()])  # noqa: E731
+    tolerances.assert_trajectory_close(flat(accumulating), flat(native), STEPS, "parameters")
+    for (name, p), r in zip(accumulating.named_parameters(), unscaled.parameters()):
+        assert torch.equal(p, r), name  # a power-of-two loss scale changes no bit
+    assert not torch.equal(next(accumulating.parameters()), next(make_model().double().parameters()))
 
 
 @pytest.mark.tooling  # the example script, as the repository's other example tests

@@ -5,7 +5,10 @@ instead of timm's own pure-Python copy.
 timm's training loop reads ``optimizer.is_second_order`` (True on :class:`AdaHessian`)
 and then passes ``create_graph=True`` to every backward, its loss scalers' included. With
 ``NativeScaler(..., clip_grad=...)`` the scaler calls ``unscale_`` before clipping, so
-the optimizer must know the scaler: :func:`attach_native_scaler`.
+the optimizer must know the scaler: :func:`attach_native_scaler`. Under
+``--grad-accum-steps`` every micro-batch's double-backward graph then stays alive until
+the step; :class:`AccumulatingScaler`, in place of ``NativeScaler``, sends each
+micro-batch through :meth:`AdaHessian.backward` instead (one graph at a time).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import torch
 
 from timm.optim import OptimInfo
 from timm.optim._optim_factory import default_registry  # timm exports no accessor for it
+from timm.utils.clip_grad import dispatch_clip_grad
 
+from . import unwrap
 from ..optimizer import AdaHessian
 
 NAME = "adahessian"
@@ -95,3 +100,49 @@ def attach_native_scaler(optimizer: AdaHessian, loss_scaler: Any) -> None:
             f"{type(loss_scaler).__name__}; for a bare GradScaler call optimizer.attach_grad_scaler(scaler)"
         )
     optimizer.attach_grad_scaler(scaler)
+
+
+class AccumulatingScaler:
+    """The drop-in for timm's ``NativeScaler`` (the ``loss_scaler`` its ``train.py``
+    calls, same call signature and state dict) that backpropagates each loss through
+    :meth:`AdaHessian.backward`: on a Hessian step the micro-batch's Hessian-vector
+    products are taken at once and its graph freed, so ``--grad-accum-steps k`` holds
+    one micro-batch's double-backward graph instead of k (the same step, to float
+    rounding). In timm's ``train.py``: ``loss_scaler = AccumulatingScaler(device)`` where
+    it builds ``NativeScaler`` (``enabled=False`` without AMP, where train.py builds
+    none: then it only backpropagates and steps). The optimizer is handed the scaler
+    (gradient clipping works, as with :func:`attach_native_scaler`).
+
+    Args:
+        device (str, optional): the GradScaler's device (default: "cuda").
+        enabled (bool, optional): scale the loss (AMP with float16); False leaves the
+            loss as it is (default: True).
+
+    Raises:
+        TypeError: (at a call) the optimizer is not an :class:`AdaHessian` or a
+            framework's wrapper of one.
+    """
+
+    state_dict_key = "amp_scaler"
+
+    def __init__(self, device: str = "cuda", enabled: bool = True) -> None:
+        self._scaler = torch.amp.GradScaler(device, enabled=enabled)
+
+    def __call__(self, loss: torch.Tensor, optimizer: Any, clip_grad: float | None = None, clip_mode: str = "norm",
+                 parameters: Any = None, create_graph: bool = False, need_update: bool = True) -> None:
+        # create_graph is train.py's is_second_order flag: optimizer.backward decides per step.
+        adahessian = unwrap(optimizer)
+        adahessian.attach_grad_scaler(self._scaler if self._scaler.is_enabled() else None)
+        adahessian.backward(self._scaler.scale(loss))
+        if need_update:
+            if clip_grad is not None:
+                self._scaler.unscale_(optimizer)
+                dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
+            self._scaler.step(optimizer)
+            self._scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._scaler.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._scaler.load_state_dict(state_dict)
