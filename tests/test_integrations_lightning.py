@@ -8,6 +8,7 @@ import os
 import warnings
 
 import pytest
+import tolerances
 import torch
 
 from adahessian import AdaHessian
@@ -24,6 +25,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from adahessian.integrations.lightning import AdaHessianMixin  # noqa: E402
 
 STEPS = 5  # batches of 8
+WORLD = 2  # DDP ranks
 OPT_ARGS = dict(lr=0.05, eps=1e-4, update_each=2, weight_decay=0.01)
 
 
@@ -73,10 +75,19 @@ class Manual(Plain):
         opt.step()
 
 
-def fit(module, **trainer_args):
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data()), batch_size=8, shuffle=False)
+def fit(module, rank=None, **trainer_args):
+    """``module`` trained by a real Trainer on data() in batches of 8; with ``rank``,
+    one rank's interleaved half of each batch (2 DDP ranks)."""
+    dataset = torch.utils.data.TensorDataset(*data())
+    if rank is None:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=False)
+    else:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=WORLD, rank=rank, shuffle=False)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=8 // WORLD, sampler=sampler)
+        trainer_args.update(devices=WORLD, strategy="ddp", use_distributed_sampler=False)
+    trainer_args.setdefault("devices", 1)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **trainer_args,
     )
     with warnings.catch_warnings():
@@ -149,6 +160,51 @@ def test_finite_difference_hvp_uses_lightnings_closure():
 
         opt.step(closure)
     assert_same(module, net)
+
+
+def _ddp_rank(rank, port, out, module_name):
+    """One rank of a 2-process Lightning DDP run (processes launched here, as torchrun
+    would: Lightning sees LOCAL_RANK and creates none)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    module = fit(globals()[module_name](), rank=rank, precision="64-true")
+    torch.save({"params": [p.detach() for p in module.net.parameters()], "graphs": module.graphs,
+                "process_group": module.optimizers().optimizer.process_group is not None}, out)
+
+
+@pytest.mark.parametrize("module_name", ["Model", "FiniteDifference"])
+def test_ddp_strategy_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path, module_name):
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"rank{r}.pt" for r in range(WORLD)]
+    procs = [ctx.Process(target=_ddp_rank, args=(r, port, outs[r], module_name)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0] * WORLD
+    results = [torch.load(o) for o in outs]
+    # The ranks' interleaved batches of 4 together are the one process's batch of 8; float64,
+    # so that the comparison is within the error model: the exact path's trajectory bound;
+    # the finite difference divides the ranks' other rounding of the averaged gradient by
+    # eps (~1e-8 here): normwise 1e-5, as tests/test_distributed.py holds DDP's.
+    oracle = [p.detach() for p in fit(globals()[module_name](), precision="64-true").net.parameters()]
+    for result in results:
+        assert all(torch.equal(p, q) for p, q in zip(result["params"], results[0]["params"]))  # ranks agree
+        for p, q in zip(result["params"], oracle):
+            if module_name == "Model":
+                tolerances.assert_trajectory_close(p, q, STEPS)
+            else:
+                assert ((p - q).norm() / q.norm()).item() < 1e-5
+        assert result["process_group"] == (module_name == "Model")  # set by the mixin on the exact path only
+    if module_name == "Model":
+        assert results[0]["graphs"] == [True, False, True, False, True]  # no_sync: the graph survived DDP
 
 
 def test_without_the_mixin_a_hessian_step_names_the_fix():

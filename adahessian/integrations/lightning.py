@@ -39,6 +39,16 @@ class AdaHessianMixin:
     closure that ``step`` evaluates again at the perturbed parameters (not under
     ``16-mixed``: finite differences refuse a GradScaler; ``bf16-mixed`` works).
 
+    Under a DDP strategy (``Trainer(strategy="ddp")``: the model wrapped in
+    ``DistributedDataParallel``, whose reducer has no double backward) the exact path
+    keeps the reducer out: ``on_train_batch_start`` tells the wrapper not to sync, which
+    it reads at the forward (``no_sync()`` around the backward alone would come too
+    late), and the optimizer averages the gradients and Hessian-vector products across
+    the ranks itself, its ``process_group`` set to the wrapper's group when it has none
+    (README, "Distributed data parallel"). A module that overrides
+    ``on_train_batch_start`` calls ``super().on_train_batch_start(batch, batch_idx)``.
+    The finite-difference path leaves DDP's reducer on: it averages the plain gradients.
+
     ``configure_gradient_clipping`` makes ``Trainer(gradient_clip_val=...)`` work under
     ``precision="16-mixed"`` and ``"bf16-mixed"``: Lightning's mixed-precision plugin
     refuses to clip for any optimizer that unscales inside ``step()`` (AdaHessian
@@ -65,6 +75,16 @@ class AdaHessianMixin:
             # the loss under 16-mixed, and Lightning divided it by the accumulation count).
             return optimizer.backward(loss)
         super().backward(loss, create_graph=optimizer.hessian_due)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        wrapper = self.trainer.strategy.model
+        if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel):
+            optimizer = self._adahessian()
+            if optimizer.hvp == "autograd":
+                wrapper.require_backward_grad_sync = False  # DDP prepares its reducer at the forward's end
+                if optimizer.process_group is None:
+                    optimizer.process_group = wrapper.process_group
+        return super().on_train_batch_start(batch, batch_idx)
 
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
