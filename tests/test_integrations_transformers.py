@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from adahessian import AdaHessian, math_attention  # noqa: E402
+import tolerances  # noqa: E402
 from training import clip_and_step  # noqa: E402
 
 # `make test-frameworks` sets this: there a missing framework is a failure, not a skip.
@@ -74,8 +75,9 @@ def arguments(tmp_path, **overrides):
     return transformers.TrainingArguments(**values)
 
 
-def train(tmp_path, kind="bert", adahessian_kwargs=None, **overrides):
+def train(tmp_path, kind="bert", adahessian_kwargs=None, double=False, **overrides):
     model = bert() if kind == "bert" else gpt2()
+    model = model.double() if double else model
     recorder = GraphRecorder()
     trainer = AdaHessianTrainer(
         model=model, args=arguments(tmp_path, **overrides), train_dataset=dataset(kind), callbacks=[recorder],
@@ -259,6 +261,57 @@ def test_a_finite_difference_hvp_under_fp16_is_refused_clearly(tmp_path):
     trainer.accelerator.native_amp = True
     with pytest.raises(RuntimeError, match=r"does not combine with a GradScaler.*bfloat16 autocast"):
         trainer.train()
+
+
+WORLD = 2
+
+
+def _ddp_rank(rank, port, out, tmp_path, adahessian_kwargs):
+    """One rank of a 2-process Trainer run (launched here, as torchrun would: the Trainer
+    wraps the model in DistributedDataParallel over gloo)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    trainer, _ = train(tmp_path / f"rank{rank}", adahessian_kwargs=adahessian_kwargs, double=True,
+                       per_device_train_batch_size=BATCH // WORLD)
+    assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
+    torch.save({"params": [p.detach() for p in trainer.model.parameters()],
+                "process_group": unwrap(trainer.optimizer).process_group is not None}, out)
+
+
+@pytest.mark.parametrize("hvp", ["autograd", "finite_difference"])
+def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path, hvp):
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    kwargs = {"update_each": 2, "hvp": hvp}
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"rank{r}.pt" for r in range(WORLD)]
+    procs = [ctx.Process(target=_ddp_rank, args=(r, port, outs[r], tmp_path, kwargs)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0] * WORLD
+    results = [torch.load(o) for o in outs]
+    # accelerate hands the ranks consecutive batches of 4: together the one process's batch
+    # of 8. float64, normwise over the model (the attention's key biases have a zero exact
+    # gradient: their values are round-off; SPEC, section 5): the exact path within the
+    # trajectory bound; the finite difference divides the ranks' other rounding of the
+    # averaged gradient by eps, 1e-5.
+    oracle, _ = train(tmp_path / "one", adahessian_kwargs=kwargs, double=True)
+    want = torch.cat([p.detach().flatten() for p in oracle.model.parameters()])
+    for result in results:
+        assert all(torch.equal(p, q) for p, q in zip(result["params"], results[0]["params"]))  # ranks agree
+        got = torch.cat([p.flatten() for p in result["params"]])
+        if hvp == "autograd":
+            tolerances.assert_trajectory_close(got, want, STEPS, "parameters")
+        else:
+            assert ((got - want).norm() / want.norm()).item() < 1e-5
+        assert result["process_group"] == (hvp == "autograd")  # set by the subclass on the exact path only
 
 
 @pytest.mark.tooling  # the example script, as the repository's other example tests

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,12 @@ class AdaHessianTrainer(transformers.Trainer):
     evaluation is the step's own. Other steps cost what Adam's do. ``fp16=True`` is
     refused there (GradScaler refuses a closure; use ``bf16=True``); DDP needs no
     ``no_sync`` on this path.
+
+    In a multi-process run (``torchrun``, ``accelerate launch``: the model wrapped in
+    ``DistributedDataParallel``, whose reducer has no double backward) the exact path's
+    training steps run under the wrapper's ``no_sync()`` and the optimizer averages the
+    gradients and Hessian-vector products across the ranks itself: its
+    ``process_group`` is set to the wrapper's group when it has none.
 
     Args:
         *args: ``transformers.Trainer``'s.
@@ -105,10 +112,16 @@ class AdaHessianTrainer(transformers.Trainer):
         create_graph = optimizer.hessian_due
         self.accelerator.backward = self._backward_for(optimizer, create_graph)
         try:
-            if create_graph and self.math_attention_on_hessian_steps:
-                with math_attention():
-                    return super().training_step(model, inputs, num_items_in_batch)
-            return super().training_step(model, inputs, num_items_in_batch)
+            with contextlib.ExitStack() as contexts:
+                if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                    # DDP's reducer has no double backward; it decides at the forward, so no_sync
+                    # covers the whole step, and the optimizer averages across the ranks itself.
+                    if optimizer.process_group is None:
+                        optimizer.process_group = model.process_group
+                    contexts.enter_context(model.no_sync())
+                if create_graph and self.math_attention_on_hessian_steps:
+                    contexts.enter_context(math_attention())
+                return super().training_step(model, inputs, num_items_in_batch)
         finally:
             del self.accelerator.backward
 
