@@ -169,6 +169,78 @@ def test_the_accumulating_scaler_keeps_one_micro_batchs_graph_and_trains_as_nati
     assert not torch.equal(next(accumulating.parameters()), next(make_model().double().parameters()))
 
 
+WORLD = 2
+
+
+def _ddp_rank(rank, port, out):
+    """One rank of timm's distributed loop: the model wrapped in DistributedDataParallel,
+    the AccumulatingScaler, attach_ddp; each rank's half of every batch."""
+    import torch.distributed as dist
+    from adahessian.integrations import timm as integration
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        integration.register()
+        model, opt, loss_scaler = ddp_parts()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        integration.attach_ddp(ddp, opt)
+        for x, y in batches():
+            xr, yr = x.double().chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+            step_timm(ddp, opt, loss_scaler, xr, yr)
+        torch.save({"params": [p.detach() for p in model.parameters()], "process_group": opt.process_group is not None}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_parts():
+    """A model without batch statistics (LayerNorm), float64, its AdaHessian, timm's scaler."""
+    from adahessian.integrations import timm as integration
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet_ln", pretrained=False, num_classes=4).double()
+    opt = timm.optim.create_optimizer_v2(model, "adahessian", lr=0.05, eps=1e-4, update_each=2)
+    return model, opt, integration.AccumulatingScaler(device="cpu", enabled=False)
+
+
+def step_timm(model, opt, loss_scaler, x, y):
+    loss_scaler(torch.nn.functional.cross_entropy(model(x), y), opt, create_graph=True)
+    opt.zero_grad()
+
+
+def test_attach_ddp_makes_two_ranks_equal_one_process_on_the_whole_batch(registered, tmp_path):
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"rank{r}.pt" for r in range(WORLD)]
+    procs = [ctx.Process(target=_ddp_rank, args=(r, port, outs[r])) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0] * WORLD
+    results = [torch.load(o) for o in outs]
+    model, opt, loss_scaler = ddp_parts()
+    for x, y in batches():
+        step_timm(model, opt, loss_scaler, x.double(), y)
+    want = torch.cat([p.detach().flatten() for p in model.parameters()])
+    for result in results:
+        assert all(torch.equal(p, q) for p, q in zip(result["params"], results[0]["params"]))  # ranks agree
+        got = torch.cat([p.flatten() for p in result["params"]])
+        tolerances.assert_trajectory_close(got, want, STEPS, "parameters")  # normwise, as the accumulation test
+        assert result["process_group"]
+
+
+def test_attach_ddp_wants_the_wrapped_model(registered):
+    model, opt, _ = ddp_parts()
+    with pytest.raises(TypeError, match="DistributedDataParallel-wrapped model, got EfficientNet"):
+        registered.attach_ddp(model, opt)
+
+
 @pytest.mark.tooling  # the example script, as the repository's other example tests
 def test_example_quick_runs(registered, capsys):
     from examples import timm_train

@@ -8,7 +8,9 @@ and then passes ``create_graph=True`` to every backward, its loss scalers' inclu
 the optimizer must know the scaler: :func:`attach_native_scaler`. Under
 ``--grad-accum-steps`` every micro-batch's double-backward graph then stays alive until
 the step; :class:`AccumulatingScaler`, in place of ``NativeScaler``, sends each
-micro-batch through :meth:`AdaHessian.backward` instead (one graph at a time).
+micro-batch through :meth:`AdaHessian.backward` instead (one graph at a time). In a
+distributed ``train.py`` run, :func:`attach_ddp` keeps DDP's reducer (no double
+backward) out of the exact path.
 """
 
 from __future__ import annotations
@@ -146,3 +148,28 @@ class AccumulatingScaler:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._scaler.load_state_dict(state_dict)
+
+
+def attach_ddp(model: torch.nn.parallel.DistributedDataParallel, optimizer: Any) -> None:
+    """Let ``optimizer`` average across the ranks for the ``DistributedDataParallel``
+    ``model`` (timm's ``train.py --distributed`` wraps it; call this once after): on the
+    exact path every forward tells the wrapper not to sync (DDP decides at the forward,
+    and its reducer has no double backward), and the optimizer's ``process_group``, when
+    it has none, becomes the wrapper's group; on the finite-difference path DDP's reducer
+    averages the plain gradients as usual.
+
+    Raises:
+        TypeError: ``model`` is not a ``DistributedDataParallel``, or the optimizer not an
+            :class:`AdaHessian` (or a wrapper of one).
+    """
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError(f"attach_ddp expects the DistributedDataParallel-wrapped model, got {type(model).__name__}")
+    adahessian = unwrap(optimizer)
+
+    def before_forward(_module: torch.nn.Module, _args: Any) -> None:
+        if adahessian.hvp == "autograd":
+            model.require_backward_grad_sync = False  # read at the end of DDP's forward
+            if adahessian.process_group is None:
+                adahessian.process_group = model.process_group
+
+    model.module.register_forward_pre_hook(before_forward)
