@@ -4,6 +4,7 @@ the launcher that spawns them, and the check the equivalence tests share."""
 from __future__ import annotations
 
 import multiprocessing
+import socket
 import sys
 import time
 import traceback
@@ -143,7 +144,29 @@ def launch(tmp_path, world, backend, scenario):
     ctx = multiprocessing.get_context("spawn")
     init_file = tmp_path / "init"
     outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
-    procs = [ctx.Process(target=run, args=(r, world, str(init_file), str(outs[r]), backend, scenario)) for r in range(world)]
+    codes = _start_and_wait(
+        [ctx.Process(target=run, args=(r, world, str(init_file), str(outs[r]), backend, scenario)) for r in range(world)]
+    )
+    return codes, [torch.load(o, weights_only=False) if o.exists() else None for o in outs]
+
+
+def spawn_ranks(target, world, tmp_path, *args) -> list:
+    """Run ``target(rank, port, out, *args)`` in ``world`` spawned processes (``port``: a
+    free loopback port for their rendezvous, as torchrun's MASTER_PORT; ``out``: the file
+    each saves its result to), assert that every rank exits 0 within the deadline, and
+    return what they saved. For the frameworks that set up torch.distributed themselves."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
+    codes = _start_and_wait([ctx.Process(target=target, args=(r, port, outs[r], *args)) for r in range(world)])
+    assert codes == [0] * world, f"the ranks' exit codes: {codes}"
+    return [torch.load(o) for o in outs]
+
+
+def _start_and_wait(procs) -> list[int]:
+    """Start ``procs``, wait for all within the deadline (killing leftovers); their exit codes."""
     for p in procs:
         p.start()
     deadline = time.monotonic() + DEADLINE_S
@@ -154,8 +177,7 @@ def launch(tmp_path, world, backend, scenario):
         p.kill()
         p.join()
     assert not hung, f"{len(hung)} rank(s) still running after {DEADLINE_S} s"
-    results = [torch.load(o, weights_only=False) if o.exists() else None for o in outs]
-    return [p.exitcode for p in procs], results
+    return [p.exitcode for p in procs]
 
 
 def assert_ranks_equal_one_process(results, backend, world):

@@ -8,6 +8,7 @@ import os
 import warnings
 
 import pytest
+import dist_worker
 import tolerances
 import torch
 
@@ -175,21 +176,7 @@ def _ddp_rank(rank, port, out, module_name):
 
 @pytest.mark.parametrize("module_name", ["Model", "FiniteDifference"])
 def test_ddp_strategy_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path, module_name):
-    import multiprocessing
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
-    outs = [tmp_path / f"rank{r}.pt" for r in range(WORLD)]
-    procs = [ctx.Process(target=_ddp_rank, args=(r, port, outs[r], module_name)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(180)
-    assert [p.exitcode for p in procs] == [0] * WORLD
-    results = [torch.load(o) for o in outs]
+    results = dist_worker.spawn_ranks(_ddp_rank, WORLD, tmp_path, module_name)
     # The ranks' interleaved batches of 4 together are the one process's batch of 8; float64,
     # so that the comparison is within the error model: the exact path's trajectory bound;
     # the finite difference divides the ranks' other rounding of the averaged gradient by

@@ -6,6 +6,7 @@ import importlib
 import os
 
 import pytest
+import dist_worker
 import tolerances
 import torch
 
@@ -209,21 +210,7 @@ def step_timm(model, opt, loss_scaler, x, y):
 
 
 def test_attach_ddp_makes_two_ranks_equal_one_process_on_the_whole_batch(registered, tmp_path):
-    import multiprocessing
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
-    outs = [tmp_path / f"rank{r}.pt" for r in range(WORLD)]
-    procs = [ctx.Process(target=_ddp_rank, args=(r, port, outs[r])) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    assert [p.exitcode for p in procs] == [0] * WORLD
-    results = [torch.load(o) for o in outs]
+    results = dist_worker.spawn_ranks(_ddp_rank, WORLD, tmp_path)
     model, opt, loss_scaler = ddp_parts()
     for x, y in batches():
         step_timm(model, opt, loss_scaler, x.double(), y)

@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from adahessian import AdaHessian, math_attention  # noqa: E402
+import dist_worker  # noqa: E402
 import tolerances  # noqa: E402
 from training import clip_and_step  # noqa: E402
 
@@ -281,22 +282,8 @@ def _ddp_rank(rank, port, out, tmp_path, adahessian_kwargs):
 
 @pytest.mark.parametrize("hvp", ["autograd", "finite_difference"])
 def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path, hvp):
-    import multiprocessing
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     kwargs = {"update_each": 2, "hvp": hvp}
-    ctx = multiprocessing.get_context("spawn")
-    outs = [tmp_path / f"rank{r}.pt" for r in range(WORLD)]
-    procs = [ctx.Process(target=_ddp_rank, args=(r, port, outs[r], tmp_path, kwargs)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    assert [p.exitcode for p in procs] == [0] * WORLD
-    results = [torch.load(o) for o in outs]
+    results = dist_worker.spawn_ranks(_ddp_rank, WORLD, tmp_path, tmp_path, kwargs)
     # accelerate hands the ranks consecutive batches of 4: together the one process's batch
     # of 8. float64, normwise over the model (the attention's key biases have a zero exact
     # gradient: their values are round-off; SPEC, section 5): the exact path within the
