@@ -1,9 +1,12 @@
 """Packaging a user can trust: one version (adahessian.__version__, which the metadata
-reads), py.typed, and an sdist that carries everything the build needs and builds in a
-clean venv with --no-build-isolation (the convention for torch extensions)."""
+reads), py.typed, an sdist that carries everything the build needs and builds in a
+clean venv with --no-build-isolation (the convention for torch extensions), and built
+libraries that load only into the torch their build recorded (README, "Install")."""
 
 import importlib.metadata
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -11,8 +14,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 import adahessian
+from adahessian import _build
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +56,8 @@ def test_the_sdist_holds_the_sources_headers_and_subpackages(sdist):
         assert set(tracked.stdout.split()) - names == set()
     for needed in ("setup.py", "pyproject.toml", "adahessian/py.typed", "adahessian/integrations/timm.py"):
         assert needed in names
+    # An in-place build's record of its torch stays out (each build writes its own).
+    assert f"adahessian/{_build.RECORD_MODULE}.py" not in names
     assert f"Version: {adahessian.__version__}\n" in pkg_info
     assert "Classifier: Typing :: Typed" in pkg_info
 
@@ -88,3 +95,119 @@ def test_the_sdist_builds_in_a_clean_venv_without_build_isolation(sdist, tmp_pat
     )
     result = subprocess.run([python, "-c", check], check=True, env=env, cwd=tmp_path, capture_output=True, text=True)
     assert result.stdout.strip() == adahessian.__version__
+
+
+def _clean_env(**extra) -> dict[str, str]:
+    drop = ("FORCE_CUDA", "PYTHONPATH", "ADAHESSIAN_JIT")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
+# ------------------------------------------- built libraries and the torch they are for
+
+# Imports the package from argv[1], reports what loaded, then steps backend="auto".
+LOAD_PROBE = """
+import json, sys, warnings
+sys.path.insert(0, sys.argv[1])
+with warnings.catch_warnings(record=True) as at_import:
+    warnings.simplefilter("always")
+    import adahessian
+import torch
+from adahessian import AdaHessian
+mapped = [line for line in open("/proc/self/maps") if "/adahessian/_C" in line]
+p = torch.nn.Parameter(torch.ones(3))
+with warnings.catch_warnings(record=True) as at_step:
+    warnings.simplefilter("always")
+    opt = AdaHessian([p], backend="auto")
+    (p * p).sum().backward(create_graph=True)
+    opt.step()
+try:
+    AdaHessian([torch.nn.Parameter(torch.ones(3))], backend="fused")
+    fused_error = None
+except RuntimeError as err:
+    fused_error = str(err)
+print(json.dumps(dict(
+    file=adahessian.__file__, loaded=bool(mapped), fused_error=fused_error, stepped=bool((p < 1).all()),
+    at_import=[str(w.message) for w in at_import if "adahessian" in str(w.message)],
+    at_step=[str(w.message) for w in at_step if "AdaHessian" in str(w.message)],
+)))
+"""
+
+
+def _load_installed_copy(tmp_path, record: str | None, sources: bool = False, **env) -> dict:
+    """Imports a copy of this package laid out as a wheel installs it, with its built
+    libraries (linked) and ``record`` as its record of their torch (None: no record);
+    with ``sources``, csrc/ beside it as in a checkout."""
+    package = Path(adahessian.__file__).parent
+    libraries = sorted(package.glob("_C*.so"))
+    if not libraries:
+        pytest.skip("no built extensions here (make setup builds them in place)")
+    site = tmp_path / "site"
+    shutil.copytree(package, site / "adahessian",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", f"{_build.RECORD_MODULE}.py"))
+    for library in libraries:
+        (site / "adahessian" / library.name).symlink_to(library)
+    if record is not None:
+        (site / "adahessian" / f"{_build.RECORD_MODULE}.py").write_text(record)
+    if sources:
+        (site / "csrc").symlink_to(_build.CSRC)
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_PROBE, str(site)], env=_clean_env(ADAHESSIAN_JIT="0", **env), cwd=tmp_path,
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert Path(report["file"]).is_relative_to(site), report["file"]
+    assert report["stepped"]
+    return report
+
+
+RUNNING = _build.torch_build(torch)
+CUDA = f"CUDA {RUNNING[1]}" if RUNNING[1] else "no CUDA"
+FIX = "pip install --no-build-isolation ."
+
+
+def test_libraries_built_against_the_running_torch_load_at_import(tmp_path):
+    report = _load_installed_copy(tmp_path, _build.record_source(RUNNING))
+    assert report["loaded"] and report["fused_error"] is None
+    assert report["at_import"] == [] and report["at_step"] == []
+
+
+# Another release, and the same release built for another device (its local suffix).
+OTHER_TORCH = [("2.0.0+cu118", "11.8"),
+               (RUNNING[0].split("+")[0] + ("+cpu" if "+cu" in RUNNING[0] else "+cu130"), RUNNING[1])]
+
+
+@pytest.mark.parametrize("built", OTHER_TORCH, ids=["another-release", "another-build"])
+def test_libraries_built_against_another_torch_never_load_and_auto_falls_back(tmp_path, built):
+    report = _load_installed_copy(tmp_path, _build.record_source(built))
+    assert not report["loaded"]
+    described = f"torch {built[0]} ({f'CUDA {built[1]}' if built[1] else 'no CUDA'})"
+    (warning,) = report["at_import"]
+    assert f"were built against {described}, not the running torch {RUNNING[0]} ({CUDA})" in warning
+    assert "not loaded" in warning and FIX in warning
+    assert "backend='auto' uses the reference path and backend='fused' raises" in warning
+    (fallback,) = report["at_step"]
+    assert described in fallback and "no sources to JIT-build from" in fallback
+    assert fallback.endswith("using the reference path.")
+    assert described in report["fused_error"] and FIX in report["fused_error"]
+
+
+def test_libraries_without_a_record_never_load(tmp_path):
+    report = _load_installed_copy(tmp_path, None)
+    assert not report["loaded"]
+    (warning,) = report["at_import"]
+    assert f"carry no record of the torch they were built against (adahessian/{_build.RECORD_MODULE}.py)" in warning
+    assert FIX in warning
+    (fallback,) = report["at_step"]
+    assert "carry no record" in fallback and fallback.endswith("using the reference path.")
+
+
+def test_in_a_checkout_libraries_built_against_another_torch_give_way_to_a_jit_build(tmp_path):
+    # The JIT build is attempted (CXX=/bin/false makes it fail fast), then auto falls back.
+    report = _load_installed_copy(tmp_path, _build.record_source(OTHER_TORCH[0]), sources=True,
+                                  CXX="/bin/false", TORCH_EXTENSIONS_DIR=str(tmp_path / "jit"))
+    assert not report["loaded"]
+    (warning,) = report["at_import"]
+    assert "the first fused step JIT-compiles them from the sources against this torch" in warning
+    (fallback,) = report["at_step"]
+    assert "torch 2.0.0+cu118" in fallback and "JIT build failed" in fallback
