@@ -52,7 +52,8 @@ cuda-build:
 # compiled CPU kernels there are built against that torch (torch's CUDA build runs on a
 # CPU). The frameworks are the `frameworks` extra of pyproject.toml (not added to .venv,
 # whose torch 2.13 torchvision would replace); nothing downloads at run time. Also the
-# packaging test that builds the sdist in a clean venv (it compiles the CPU kernels).
+# packaging tests that build a wheel from the sdist in a clean venv (it compiles the CPU
+# kernels) and run it in a venv that has only torch.
 # cuda-build is a prerequisite because it copies today's sources to where this runs:
 # `make cuda-build test-frameworks` does both once.
 FRAMEWORKS_TORCHVISION ?= torchvision==0.29.1
@@ -71,4 +72,4 @@ gpu-check:
 	$(PYTHON) tools/gpu_check.py --out $(OUT)
 
 clean:
-	rm -rf build *.egg-info adahessian/*.so
+	rm -rf build *.egg-info adahessian/*.so adahessian/_built_with.py

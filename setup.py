@@ -2,7 +2,8 @@
 (``pip install --no-build-isolation -e .`` builds them against the installed torch):
 ``adahessian._C`` registers the operator schemas, ``adahessian._C_cpu_<capability>``
 the CPU kernels, once per instruction set (adahessian/_build.py), and
-``adahessian._C_cuda`` the CUDA kernels where torch is a CUDA build and nvcc is found."""
+``adahessian._C_cuda`` the CUDA kernels where torch is a CUDA build and nvcc is found;
+beside them ``adahessian/_built_with.py`` records the torch they were built against."""
 
 import importlib.util
 import os
@@ -66,12 +67,31 @@ class Build(BuildExtension):
     def build_temp(self, value):
         self._build_temp = value
 
+    def finalize_options(self):
+        super().finalize_options()
+        # distutils skips a library newer than its sources, even one built against another
+        # torch: never skip (torch does this too with ninja, whose header dependencies
+        # then find the stale objects).
+        self.force = True
+
     def build_extension(self, ext):
         self._per_thread.build_temp = os.path.join(self._build_temp, ext.name)
         try:
             super().build_extension(ext)
         finally:
             self._per_thread.build_temp = None
+
+    def run(self):
+        super().run()  # into build_lib, then (in place, editable installs too) copied beside the sources
+        # The record of the torch these libraries were built against, wherever they went
+        # (adahessian._ops reads it before loading them).
+        record = build.record_source(build.torch_build(torch))
+        folders = [Path(self.build_lib, "adahessian")]
+        if self.inplace:
+            folders.append(Path(self.get_finalized_command("build_py").get_package_dir("adahessian")))
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{build.RECORD_MODULE}.py").write_text(record)
 
 
 setup(ext_modules=extensions, cmdclass={"build_ext": Build})

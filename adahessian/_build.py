@@ -75,6 +75,31 @@ def _paths(names: list[str], relative_to: Path | None) -> list[str]:
     return [str(f.relative_to(relative_to) if relative_to else f) for f in files]
 
 
+# ------------------------------------------------------------ the torch a build is for
+
+# setup.py's build_ext writes this module next to the libraries it compiles; _ops reads it
+# before it loads any of them (README, "Install"). Generated, never committed.
+RECORD_MODULE = "_built_with"
+
+
+def torch_build(torch) -> tuple[str, str | None]:
+    """What names the torch binary an extension is compiled against: the full version
+    string, its local suffix included (``2.13.0+cpu`` and ``2.13.0+cu130`` are builds
+    with different configurations), and the CUDA version (a source build of torch may
+    carry no suffix). torch promises no C++ ABI between builds, so only an equal pair
+    may load a library (a patch release may change an inline function or a struct)."""
+    return str(torch.__version__), torch.version.cuda
+
+
+def record_source(build: tuple[str, str | None]) -> str:
+    """The text of the generated record for ``torch_build(torch)``."""
+    return (
+        "# Written by setup.py's build_ext: the torch the compiled extensions beside this file\n"
+        "# were built against; adahessian loads them only into this torch (README, \"Install\").\n"
+        f"TORCH_VERSION = {build[0]!r}\nCUDA_VERSION = {build[1]!r}\n"
+    )
+
+
 # ------------------------------------------------------------------------------ CUDA
 
 CUDA_MODULE = "_C_cuda"

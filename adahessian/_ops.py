@@ -5,15 +5,19 @@ instruction set torch runs with (``adahessian._C_cpu_<capability>``, see _build.
 where they were built, the CUDA kernels (``adahessian._C_cuda``). Built extensions
 (``pip install --no-build-isolation -e .``) load eagerly at ``import adahessian`` (a
 few dlopen calls: the kernels are registered right after import) and never make the
-import fail. Kernels still missing for a device type are JIT-built from the same sources
-with ``torch.utils.cpp_extension.load`` at the first fused use on that device type.
-``ADAHESSIAN_JIT=1`` skips the built extensions.
+import fail; only into the torch their build recorded (``_built_with.py``), else not at
+all, with one warning. Kernels still missing for a device type are JIT-built from the
+same sources with ``torch.utils.cpp_extension.load`` at the first fused use on that
+device type. ``ADAHESSIAN_JIT=1`` skips the built extensions.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import runpy
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -38,18 +42,56 @@ def load_built() -> None:
     capability = _build.capability_for(torch.backends.cpu.get_cpu_capability())
     modules = [_build.kernel_module(capability), _build.CUDA_MODULE]
     specs = [s for s in (importlib.util.find_spec(f"{__package__}.{m}") for m in modules) if s is not None]
-    if importlib.util.find_spec(f"{__package__}._C") is None or not specs:
+    schemas = importlib.util.find_spec(f"{__package__}._C")
+    if schemas is None or not specs:
         _built_error = f"the extension adahessian.{_build.kernel_module(capability)} is not built"
+        return
+    _built_error = _foreign_build(Path(schemas.origin).with_name(f"{_build.RECORD_MODULE}.py"))
+    if _built_error is not None:
         return
     try:
         from . import _C  # noqa: F401  (loading the library registers the schemas)
 
         for spec in specs:
             torch.ops.load_library(spec.origin)
-    except Exception as err:  # a stale or foreign build: fall back, never fail the import
+    except Exception as err:  # a broken build: fall back, never fail the import
         _built_error = f"the built extensions do not load ({type(err).__name__}: {err})"
         return
     _register_fakes()
+
+
+def _foreign_build(record_path: Path) -> str | None:
+    """None when the build's record beside the libraries names the running torch, else why
+    they must not load (warned once). Read before any library loads: loading one built
+    against another torch is itself undefined behaviour (its symbols bind to another ABI).
+    Read by path, not imported: an import could find another build's record."""
+    running = _build.torch_build(torch)
+    try:
+        record = runpy.run_path(str(record_path))
+        built = (record["TORCH_VERSION"], record["CUDA_VERSION"])
+    except (OSError, SyntaxError, KeyError):  # missing, or not what setup.py writes
+        built = None
+    if built == running:
+        return None
+    if built is None:
+        what = f"carry no record of the torch they were built against ({__package__}/{_build.RECORD_MODULE}.py)"
+    else:
+        what = f"were built against {_describe(built)}, not the running {_describe(running)}"
+    if _build.CSRC.is_dir():
+        then = "the first fused step JIT-compiles them from the sources against this torch, where a compiler is found"
+    else:
+        then = "backend='auto' uses the reference path and backend='fused' raises"
+    warnings.warn(
+        f"adahessian's compiled kernels {what}, so they are not loaded (a C++ extension runs only with the "
+        f"torch build it was compiled against); {then}. Fix: reinstall adahessian against this torch, "
+        "`pip install --no-build-isolation .` in its source checkout or sdist (README, \"Install\").",
+        stacklevel=4,  # the user's `import adahessian` (warnings skips importlib's frames)
+    )
+    return f"the built extensions {what}, so they are not loaded (reinstall: pip install --no-build-isolation .)"
+
+
+def _describe(build: tuple[str, str | None]) -> str:
+    return f"torch {build[0]} ({f'CUDA {build[1]}' if build[1] else 'no CUDA'})"
 
 
 def load_error(device_type: str = "cpu") -> str | None:
